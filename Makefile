@@ -1,0 +1,43 @@
+# Every target creates .venv and installs what it needs first; finished steps are skipped.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: help install model up test lint format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(INSTALLED)  ## create .venv and install the project with its dev tools
+
+model: install  ## prepare the default model (SmolLM2-135M-Instruct) in $CAI_HOME
+	$(BIN)/cai models setup
+
+up: model  ## run the main job: `cai up` on the default model (extra flags: make up ARGS="--limit 8")
+	$(BIN)/cai up $(ARGS)
+
+lint: install  ## ruff lint and format check, mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint model  ## lint, then run every test (unit and integration on the real model)
+	$(BIN)/pytest
+
+bench: model  ## run the benchmarks; prints tables, writes benchmarks/results/*.json
+	$(BIN)/python -m benchmarks.run
+
+clean:  ## remove .venv and caches (the prepared model in $CAI_HOME stays)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

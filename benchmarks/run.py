@@ -1,0 +1,232 @@
+"""Benchmarks of the foundation: batching, judging and memory.
+
+Run with `make bench` (or `.venv/bin/python -m benchmarks.run [--only NAME ...]`). Each benchmark
+runs its variants side by side in one process on the same inputs and reports ratios, because
+shared machines are noisy. Results print as a table and go to `benchmarks/results/<name>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from cai import constitution, labels, prompting
+from cai.backends.base import SamplingParams
+from cai.backends.transformers import TransformersBackend
+from cai.engine import CAIEngine
+from cai.models import setup_default_model
+from cai.pipeline import load_prompts
+
+RESULTS = Path(__file__).parent / "results"
+console = Console()
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+
+
+def save(name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"benchmark": name, "machine": machine(), **extra, "rows": rows}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def show(title: str, rows: list[dict[str, Any]]) -> None:
+    table = Table(*rows[0].keys(), title=title)
+    for row in rows:
+        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+
+
+async def timed(make: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = await make()
+    return time.perf_counter() - start, result
+
+
+# ---- batching -----------------------------------------------------------------------------
+
+
+async def bench_batching(backend: TransformersBackend, requests: int, max_new_tokens: int) -> None:
+    prompts = [
+        backend.render([{"role": "user", "content": r.prompt}])
+        for r in load_prompts(None)
+        if r.category == "benign"
+    ][:requests]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.95, seed=0)
+    await backend.generate(prompts[0], SamplingParams(max_new_tokens=4))  # warm up
+
+    async def one_by_one() -> list[Any]:
+        return [await backend.generate(p, params) for p in prompts]
+
+    async def concurrent() -> list[Any]:
+        return list(await asyncio.gather(*(backend.generate(p, params) for p in prompts)))
+
+    rows = []
+    for name, run in (("sequential", one_by_one), ("concurrent (dynamic batching)", concurrent)):
+        seconds, results = await timed(run)
+        tokens = sum(c.tokens for r in results for c in r)
+        rows.append(
+            {
+                "mode": name,
+                "requests": len(prompts),
+                "tokens": tokens,
+                "seconds": seconds,
+                "tokens_per_s": tokens / seconds,
+            }
+        )
+    ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    for row in rows:
+        row["ratio"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+    show(f"batching: {requests} generate requests, max_new_tokens={max_new_tokens}", rows)
+    save("batching", rows, {"ratio": ratio, "target": ">= 3x", "max_new_tokens": max_new_tokens})
+
+
+# ---- judging ------------------------------------------------------------------------------
+
+
+_JSON_ANSWER = re.compile(r'"answer"\s*:\s*"?\(?([AB])')
+
+
+async def bench_judging(backend: TransformersBackend, pairs: int) -> None:
+    """Labels per second on the same pairs: log-prob scoring vs two generating judges."""
+    cons = constitution.load("default")
+    engine = CAIEngine(backend, cons)
+    records = load_prompts(None)[:pairs]
+    responses = await asyncio.gather(
+        *(
+            backend.generate(
+                backend.render([{"role": "user", "content": r.prompt}]),
+                SamplingParams(max_new_tokens=48, n=2, seed=i),
+            )
+            for i, r in enumerate(records)
+        )
+    )
+    items = [
+        ([{"role": "user", "content": r.prompt}], c[0].text, c[1].text)
+        for r, c in zip(records, responses, strict=True)
+    ]
+    question = cons.comparison_principles[0].comparison or ""
+    examples = cons.comparison_examples[: engine.config.few_shot_comparison]
+
+    def base_prompt(conv: Any, a: str, b: str) -> str:
+        return backend.render(prompting.comparison_messages(cons, examples, conv, question, a, b, cot=False))
+
+    async def logprob_judge() -> list[float]:
+        async def one(conv: Any, a: str, b: str) -> float:
+            la, lb = await backend.score_options(
+                base_prompt(conv, a, b) + prompting.ANSWER_PREFIX, ["A", "B"]
+            )
+            return labels.option_probability(la, lb)
+
+        return list(await asyncio.gather(*(one(*it) for it in items)))
+
+    async def one_token_judge() -> list[float | None]:
+        async def one(conv: Any, a: str, b: str) -> float | None:
+            params = SamplingParams(max_new_tokens=1, temperature=0)
+            [c] = await backend.generate(base_prompt(conv, a, b) + prompting.ANSWER_PREFIX, params)
+            answer = c.text.strip()[:1]
+            return 1.0 if answer == "A" else 0.0 if answer == "B" else None
+
+        return list(await asyncio.gather(*(one(*it) for it in items)))
+
+    async def rationale_judge() -> list[float | None]:
+        async def one(conv: Any, a: str, b: str) -> float | None:
+            turns = prompting.comparison_messages(cons, [], conv, question, a, b, cot=False)
+            turns[-1]["content"] += ' Reply in JSON: {"reason": "<one sentence>", "answer": "A" or "B"}'
+            params = SamplingParams(max_new_tokens=64, temperature=0)
+            [c] = await backend.generate(backend.render(turns), params)
+            found = _JSON_ANSWER.search(c.text)
+            return None if not found else 1.0 if found.group(1) == "A" else 0.0
+
+        return list(await asyncio.gather(*(one(*it) for it in items)))
+
+    await logprob_judge()  # warm up
+    rows = []
+    for name, run, soft in (
+        ("log-prob of option tokens (ours)", logprob_judge, "yes"),
+        ("generate 1 token, parse A/B", one_token_judge, "no"),
+        ("rationale then answer (<= 64 tokens, JSON)", rationale_judge, "no"),
+    ):
+        seconds, results = await timed(run)
+        parsed = [r for r in results if r is not None]
+        rows.append(
+            {
+                "judge": name,
+                "pairs": len(items),
+                "seconds": seconds,
+                "labels_per_s": len(items) / seconds,
+                "parsed": f"{len(parsed)}/{len(items)}",
+                "soft_labels": soft,
+            }
+        )
+    for row in rows:
+        row["ours_vs_this"] = rows[0]["labels_per_s"] / row["labels_per_s"]
+    show(f"judging: {len(items)} pairs, one ordering each", rows)
+    save("judging", rows, {"targets": {"vs one-token judge": ">= 1.0x", "vs rationale judge": ">= 5x"}})
+
+
+# ---- memory -------------------------------------------------------------------------------
+
+
+def bench_memory(limit: int) -> None:
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "cai.cli", "up", "--limit", str(limit), "--out", out],
+            check=True,
+            capture_output=True,
+        )
+        seconds = time.perf_counter() - start
+    # ru_maxrss of waited-for children, in KiB on Linux (bytes on macOS)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak_gb = peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+    rows = [{"command": f"cai up --limit {limit}", "peak_rss_gb": peak_gb, "seconds": seconds}]
+    show("memory", rows)
+    save("memory", rows, {"target": "<= 2 GB peak RSS"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=["batching", "judging", "memory"])
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--memory-limit", type=int, default=8)
+    args = parser.parse_args()
+    chosen = args.only or ["batching", "judging", "memory"]
+    model = str(setup_default_model(progress=lambda _: None))
+    if "memory" in chosen:  # first, in a fresh child, before this process loads anything
+        bench_memory(args.memory_limit)
+    if {"batching", "judging"} & set(chosen):
+        backend = TransformersBackend(model)
+        console.print(f"model {model} on {backend.device} {backend.dtype}")
+        if "batching" in chosen:
+            asyncio.run(bench_batching(backend, args.requests, args.max_new_tokens))
+        if "judging" in chosen:
+            asyncio.run(bench_judging(backend, args.pairs))
+
+
+if __name__ == "__main__":
+    main()

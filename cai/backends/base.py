@@ -1,0 +1,85 @@
+"""The backend interface every model runtime implements (in-process transformers, TGI, ...)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cai.constitution import Conversation
+from cai.errors import InvalidArgument
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.7  # 0 means greedy decoding
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    seed: int | None = None  # per request: the same seed gives the same samples
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InvalidArgument(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidArgument(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise InvalidArgument(f"n: must be >= 1, got {self.n}")
+        if any(not s for s in self.stop):
+            raise InvalidArgument("stop: stop strings must not be empty")
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: int
+    finish_reason: FinishReason
+    policy_version: str = ""
+
+
+@dataclass
+class BackendStats:
+    """Counters a caller can read to see how requests were batched."""
+
+    batches: int = 0
+    batch_rows: int = 0
+    generated_tokens: int = 0
+    scored_sequences: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+def plain_chat(messages: Conversation, add_generation_prompt: bool = True) -> str:
+    """A chat rendering for base models without a chat template."""
+    names = {"system": "System", "user": "User", "assistant": "Assistant"}
+    text = "".join(f"{names[m['role']]}: {m['content'].strip()}\n\n" for m in messages)
+    return text + ("Assistant:" if add_generation_prompt else "")
+
+
+class Backend(ABC):
+    model_id: str
+    policy_version: str = "base"
+
+    @abstractmethod
+    def render(self, messages: Conversation, add_generation_prompt: bool = True) -> str:
+        """Conversation -> prompt text, through the model's chat template when it has one."""
+
+    @abstractmethod
+    async def generate(self, prompt: str, params: SamplingParams) -> list[Completion]:
+        """`params.n` completions of `prompt`."""
+
+    @abstractmethod
+    def generate_stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
+        """Text pieces of one completion as they are decoded."""
+
+    @abstractmethod
+    async def score_options(self, prompt: str, options: list[str]) -> list[float]:
+        """Log-probability of each option as the continuation of `prompt`, without generating."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""

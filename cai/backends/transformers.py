@@ -1,0 +1,491 @@
+"""In-process transformers backend with dynamic batching.
+
+Requests that arrive within `batch_window_ms` of each other share forward passes: one worker
+task drains a bounded queue, left-pads the prompts and runs its own decode loop with a KV cache,
+so each row keeps its own max_new_tokens, temperature, top_p, stop strings and random generator.
+Finished or cancelled rows leave the batch at once. The model runs on one worker thread, so
+`swap` replaces weights or adapters between batches and no caller ever sees a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import inspect
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cai.backends.base import (
+    Backend,
+    BackendStats,
+    Completion,
+    FinishReason,
+    SamplingParams,
+    plain_chat,
+)
+from cai.constitution import Conversation
+from cai.errors import CAIError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    """One sequence being decoded (a request with n samples has n rows)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    job: _GenerateJob
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: FinishReason | None = None
+
+
+@dataclass
+class _GenerateJob:
+    prompt_ids: list[int]
+    params: SamplingParams
+    future: asyncio.Future[list[Completion]]
+    loop: asyncio.AbstractEventLoop
+    on_text: Callable[[str], None] | None = None  # streaming: called with each new piece
+    streamed: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.params.n
+
+    @property
+    def width(self) -> int:
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+
+@dataclass
+class _ScoreJob:
+    prompt_ids: list[int]
+    option_ids: list[list[int]]
+    future: asyncio.Future[list[float]]
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def rows(self) -> int:
+        return 1 if all(len(o) == 1 for o in self.option_ids) else len(self.option_ids)
+
+    @property
+    def width(self) -> int:
+        return len(self.prompt_ids) + max(len(o) for o in self.option_ids)
+
+
+_Job = _GenerateJob | _ScoreJob
+
+
+def _resolve(job: _Job, result: Any = None, error: BaseException | None = None) -> None:
+    def settle() -> None:
+        if job.future.done():
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    job.loop.call_soon_threadsafe(settle)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS, so resident memory follows the working set."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA and on CPUs with native bf16 math (half the memory, about twice
+    the prefill speed), float32 elsewhere, where emulated bf16 would be slow."""
+    if name == "auto":
+        native = device.startswith("cuda") or (device == "cpu" and _cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
+    if name not in DTYPES:
+        raise InvalidArgument(f"dtype: {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class TransformersBackend(Backend):
+    def __init__(
+        self,
+        model: str,
+        device: str | None = None,
+        max_batch_size: int = 16,
+        max_batch_tokens: int = 8192,
+        batch_window_ms: float = 5.0,
+        max_queue: int = 256,
+        dtype: str = "auto",
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_id = model
+        self.device = device or default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.batch_window = batch_window_ms / 1000
+        self.max_queue = max_queue
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype).to(self.device)
+        except OSError as exc:
+            raise NotFound(f"--model: cannot load {model!r}: {str(exc).splitlines()[0]}") from exc
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None}
+        self.stats = BackendStats()
+        # Every batch and every weight swap runs on this one thread, in order: a swap can never
+        # overlap a batch, and torch keeps one intra-op thread pool instead of one per caller.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cai-model")
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending_rows = 0
+        self._closed = False
+
+    # ---- prompts -------------------------------------------------------------------------
+
+    def render(self, messages: Conversation, add_generation_prompt: bool = True) -> str:
+        if self.tokenizer.chat_template:
+            return str(
+                self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=add_generation_prompt, tokenize=False
+                )
+            )
+        return plain_chat(messages, add_generation_prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text))
+
+    def _encode(self, text: str) -> list[int]:
+        # Rendered prompts already contain the template's special tokens.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ---- public API ----------------------------------------------------------------------
+
+    async def generate(self, prompt: str, params: SamplingParams) -> list[Completion]:
+        params.validate()
+        job = _GenerateJob(self._encode(prompt), params, self._new_future(), self._running_loop())
+        return await self._submit(job)
+
+    async def generate_stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
+        params.validate()
+        if params.n != 1:
+            raise InvalidArgument("n: streaming returns one sample; use n = 1")
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        loop = self._running_loop()
+        job = _GenerateJob(
+            self._encode(prompt),
+            params,
+            self._new_future(),
+            loop,
+            on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece),
+        )
+        task = asyncio.ensure_future(self._submit(job))
+        try:
+            while not (task.done() and pieces.empty()):
+                getter = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            task.result()  # re-raise a failure of the generation itself
+        finally:
+            task.cancel()  # the consumer went away: free the batch slot
+
+    async def score_options(self, prompt: str, options: list[str]) -> list[float]:
+        if not options:
+            raise InvalidArgument("options: give at least one option")
+        option_ids = [self._encode(o) for o in options]
+        if any(not ids for ids in option_ids):
+            raise InvalidArgument("options: an option encodes to no tokens")
+        job = _ScoreJob(self._encode(prompt), option_ids, self._new_future(), self._running_loop())
+        return await self._submit(job)
+
+    async def swap(self, apply: Callable[[Any], Any], version: str) -> None:
+        """Run `apply(model)` between batches; if it returns a model, serve that one from now."""
+
+        def do_swap() -> None:
+            replacement = apply(self.model)
+            if replacement is not None:
+                self.model = replacement.eval()
+            self.policy_version = version
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, do_swap)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        self._executor.shutdown(wait=False)
+
+    # ---- queue and worker ----------------------------------------------------------------
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first use, or a new event loop (e.g. a second asyncio.run)
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._pending_rows = 0
+            self._worker = loop.create_task(self._work())
+        return loop
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        return self._running_loop().create_future()
+
+    async def _submit(self, job: _Job) -> Any:
+        if self._closed:
+            raise Unavailable("the backend is shut down")
+        if self._pending_rows + job.rows > self.max_queue:
+            raise ResourceExhausted(
+                f"queue full: {self._pending_rows} rows waiting (max_queue={self.max_queue})"
+            )
+        assert self._queue is not None
+        self._pending_rows += job.rows
+        self._queue.put_nowait(job)
+        try:
+            return await job.future
+        finally:
+            if not job.future.done():
+                job.future.cancel()  # the caller was cancelled: the decode loop drops the rows
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        carry: list[_Job] = []
+        while True:
+            jobs = carry or [await queue.get()]
+            carry = []
+            deadline = asyncio.get_running_loop().time() + self.batch_window
+            while True:  # gather what arrives within the window
+                timeout = deadline - asyncio.get_running_loop().time()
+                if timeout <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(queue.get(), timeout))
+                except TimeoutError:
+                    break
+            while not queue.empty():
+                jobs.append(queue.get_nowait())
+            jobs = [j for j in jobs if not j.future.cancelled()]
+            scores = [j for j in jobs if isinstance(j, _ScoreJob)]
+            gens = [j for j in jobs if isinstance(j, _GenerateJob)]
+            score_batch, carry_scores = self._take(scores)
+            gen_batch, carry_gens = self._take(gens)
+            carry = [*carry_scores, *carry_gens]
+            for batch, run in ((score_batch, self._run_scores), (gen_batch, self._run_generate)):
+                if not batch:
+                    continue
+                self._pending_rows -= sum(j.rows for j in batch)
+                try:
+                    await asyncio.get_running_loop().run_in_executor(self._executor, run, batch)
+                except Exception as exc:  # a failed batch fails its callers, not the worker
+                    log.exception("batch failed")
+                    error = exc if isinstance(exc, CAIError) else Unavailable(f"backend error: {exc}")
+                    for job in batch:
+                        _resolve(job, error=error)
+                _release_freed_memory()
+
+    def _take(self, jobs: list[Any]) -> tuple[list[Any], list[Any]]:
+        """Fill a batch up to max_batch_size rows and max_batch_tokens padded tokens.
+
+        The token budget bounds the KV cache and the attention scores, so long prompts
+        make smaller batches instead of a memory spike.
+        """
+        batch, rest, rows, width = [], [], 0, 0
+        for job in jobs:
+            wider = max(width, job.width)
+            fits = (
+                rows + job.rows <= self.max_batch_size and (rows + job.rows) * wider <= self.max_batch_tokens
+            )
+            if batch and not fits:
+                rest.append(job)
+            else:
+                batch.append(job)
+                rows, width = rows + job.rows, wider
+        return batch, rest
+
+    # ---- model work (worker thread) ------------------------------------------------------
+
+    def _padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            ids[i, width - len(seq) :] = torch.tensor(seq)
+            mask[i, width - len(seq) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def _run_scores(self, jobs: list[_ScoreJob]) -> None:
+        # Single-token options need one sequence per job (the prompt); longer options need one
+        # sequence per option. Either way, the whole batch is one forward pass.
+        sequences: list[list[int]] = []
+        for job in jobs:
+            if job.rows == 1:
+                sequences.append(job.prompt_ids)
+            else:
+                sequences += [job.prompt_ids + opt for opt in job.option_ids]
+        ids, mask = self._padded(sequences)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = 1 + max((len(o) for j in jobs for o in j.option_ids if j.rows > 1), default=0)
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep
+        ).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        self.stats.scored_sequences += len(sequences)
+        row = 0
+        for job in jobs:
+            if job.rows == 1:
+                last = logprobs[row, -1]
+                _resolve(job, [float(last[opt[0]]) for opt in job.option_ids])
+                row += 1
+                continue
+            result = []
+            for opt in job.option_ids:
+                # Position t predicts token t + 1: the option's tokens are the last len(opt).
+                predicted = logprobs[row, -len(opt) - 1 : -1]
+                result.append(
+                    float(predicted.gather(1, torch.tensor(opt, device=predicted.device)[:, None]).sum())
+                )
+                row += 1
+            _resolve(job, result)
+
+    @torch.inference_mode()
+    def _run_generate(self, jobs: list[_GenerateJob]) -> None:
+        rows: list[_Row] = []
+        for job in jobs:
+            for i in range(job.params.n):
+                gen = torch.Generator()  # CPU generator: identical samples on any device
+                gen.manual_seed((job.params.seed if job.params.seed is not None else torch.seed()) + i)
+                rows.append(_Row(job.prompt_ids, job.params, gen, job))
+        version = self.policy_version
+        self._decode(rows)
+        self.stats.batches += 1
+        self.stats.batch_rows += len(rows)
+        self.stats.batch_sizes.append(len(rows))
+        for job in jobs:
+            done = [r for r in rows if r.job is job]
+            if job.on_text is not None and done[0].text[job.streamed :]:
+                job.on_text(done[0].text[job.streamed :])
+            _resolve(job, [Completion(r.text, len(r.out_ids), r.finish or "length", version) for r in done])
+
+    def _decode(self, rows: list[_Row]) -> None:
+        from transformers import DynamicCache
+
+        ids, mask = self._padded([r.prompt_ids for r in rows])
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        active = list(range(len(rows)))  # indices into rows, aligned with the cache's batch dim
+        step_input, step_positions = ids, position_ids
+        while True:
+            out = self.model(
+                input_ids=step_input,
+                attention_mask=mask,
+                position_ids=step_positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kwarg(): cache},
+            )
+            tokens = self._sample(out.logits[:, -1, :].float(), [rows[i] for i in active])
+            keep = []
+            for slot, (i, token) in enumerate(zip(active, tokens, strict=True)):
+                row = rows[i]
+                self._advance(row, token)
+                if row.finish is None:
+                    keep.append(slot)
+            self.stats.generated_tokens += len(active)
+            if not keep:
+                return
+            next_tokens = torch.tensor([[tokens[s]] for s in keep], device=self.device)
+            if len(keep) < len(active):  # drop finished rows from the batch and the cache
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask = mask[index]
+                step_positions = step_positions[index]
+                active = [active[s] for s in keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], 1)
+            step_positions = step_positions[:, -1:] + 1
+            step_input = next_tokens
+
+    def _cache_kwarg(self) -> str:
+        # transformers renamed `past_key_values` to `cache` during the 5.x series.
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        chosen = []
+        for logit, row in zip(logits, rows, strict=True):
+            if row.params.temperature == 0:
+                chosen.append(int(logit.argmax()))
+                continue
+            probs = torch.softmax(logit / row.params.temperature, dim=-1)
+            if row.params.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                outside = sorted_probs.cumsum(0) - sorted_probs > row.params.top_p
+                sorted_probs[outside] = 0
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+            chosen.append(int(torch.multinomial(probs.cpu(), 1, generator=row.generator)))
+        return chosen
+
+    def _advance(self, row: _Row, token: int) -> None:
+        job = row.job
+        if job.future.cancelled():
+            row.finish = "cancelled"
+            return
+        if token in self.eos_ids:
+            row.finish = "stop"
+        else:
+            row.out_ids.append(token)
+            row.text = self.tokenizer.decode(row.out_ids, skip_special_tokens=True)
+            for stop in row.params.stop:
+                at = row.text.find(stop)
+                if at != -1:
+                    row.text = row.text[:at]
+                    row.finish = "stop"
+            if row.finish is None and len(row.out_ids) >= row.params.max_new_tokens:
+                row.finish = "length"
+        if job.on_text is not None and row.finish is None:
+            # Hold back what could still become a stop string or an incomplete character.
+            hold = max((len(s) - 1 for s in row.params.stop), default=0)
+            safe = len(row.text) - hold
+            if row.text.endswith("\ufffd"):
+                safe = min(safe, len(row.text) - 1)
+            if safe > job.streamed:
+                job.on_text(row.text[job.streamed : safe])
+                job.streamed = safe

@@ -1,0 +1,337 @@
+"""The `cai` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cai.errors import CAIError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class CAIGroup(click.Group):
+    """Turns domain errors into one clear line on stderr and a non-zero exit, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CAIError as exc:
+            for line in str(exc).splitlines():
+                err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=CAIGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cai-stack")
+def main() -> None:
+    """Constitutional AI: critique, revise and judge model outputs against a written constitution."""
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+@main.group(cls=CAIGroup)
+def models() -> None:
+    """Prepare and list local models."""
+
+
+@models.command("setup")
+@click.option("--force", is_flag=True, help="Convert again even if the model is prepared.")
+def models_setup(force: bool) -> None:
+    """Install and convert the default model (SmolLM2-135M-Instruct) into $CAI_HOME."""
+    from cai.models import setup_default_model
+
+    with console.status("preparing the default model") as status:
+        setup_default_model(progress=lambda msg: (status.update(msg), console.print(msg)), force=force)
+
+
+@models.command("list")
+def models_list() -> None:
+    """Show the prepared models."""
+    from cai.models import list_models
+    from cai.paths import models_dir
+
+    found = list_models()
+    if not found:
+        console.print(f"no models in {models_dir()}; run `cai models setup`")
+        return
+    table = Table("name", "path", "size", "source")
+    for m in found:
+        table.add_row(m.name, str(m.path), f"{m.size_bytes / 1e6:.0f} MB", m.source)
+    console.print(table)
+
+
+# ---- constitution ---------------------------------------------------------------------------
+
+
+@main.group(cls=CAIGroup)
+def constitution() -> None:
+    """Validate, show and import constitutions."""
+
+
+@constitution.command("validate")
+@click.argument("files", nargs=-1, required=True)
+def constitution_validate(files: tuple[str, ...]) -> None:
+    """Check constitution files; print every fault as FILE:LINE: FIELD: problem."""
+    from cai.constitution import ConstitutionError, load
+
+    failed = False
+    for file in files:
+        try:
+            c = load(file)
+        except ConstitutionError as exc:
+            failed = True
+            for problem in exc.problems:
+                err_console.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
+            continue
+        console.print(
+            f"{c.source}: ok ({c.id} {c.version}, {len(c.principles)} principles, sha256 {c.hash[:16]})",
+            highlight=False,
+        )
+    if failed:
+        sys.exit(1)
+
+
+@constitution.command("show")
+@click.argument("file", default="default")
+@click.option("--json", "as_json", is_flag=True, help="Print the canonical form as JSON.")
+def constitution_show(file: str, as_json: bool) -> None:
+    """Print a constitution (a file, or a built-in name: default, harmlessness)."""
+    from cai.constitution import load
+
+    c = load(file)
+    if as_json:
+        click.echo(json.dumps({**c.to_dict(), "hash": c.hash}, indent=2, ensure_ascii=False))
+        return
+    console.print(f"[bold]{c.id}[/bold] {c.version}  sha256 {c.hash}", highlight=False)
+    console.print(c.description)
+    if c.hard_constraints:
+        console.print("\n[bold]Hard constraints[/bold]")
+        for h in c.hard_constraints:
+            console.print(f"  - {h.text}", highlight=False)
+    for tier in c.tiers:
+        principles = [p for p in c.principles if p.tier == tier.id]
+        console.print(f"\n[bold]{c.tier_rank(tier.id) + 1}. {tier.id}[/bold] {tier.description}")
+        table = Table("id", "weight", "why", "critique", "comparison", show_lines=True)
+        for p in principles:
+            table.add_row(p.id, f"{p.weight:g}", p.rationale, p.critique or "-", p.comparison or "-")
+        console.print(table)
+    console.print(
+        f"\nfew-shot: {len(c.critique_examples)} critique/revision, {len(c.comparison_examples)} comparison"
+    )
+
+
+@constitution.command("import")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["anthropic-2022", "hf-cai"]),
+    required=True,
+    help="anthropic-2022: the CAI paper repository's JSON files; hf-cai: the open-LLM recipe's JSON.",
+)
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="YAML file to write.")
+@click.option(
+    "--id", "constitution_id", default=None, help="Id of the new constitution (default: from OUTPUT)."
+)
+def constitution_import(
+    fmt: str, sources: tuple[Path, ...], output: Path, constitution_id: str | None
+) -> None:
+    """Convert another project's constitution files into our YAML format.
+
+    For anthropic-2022, give any of: the critique/revision instructions file, the comparison
+    principles file and the critique/revision few-shot file.
+    """
+    from cai.constitution import parse
+    from cai.importers import import_constitution
+
+    c = import_constitution(fmt, list(sources), constitution_id or output.stem.lower())
+    parse(c.to_dict(), str(output))  # the result must load back as a valid constitution
+    output.write_text(c.to_yaml(), encoding="utf-8")
+    console.print(
+        f"wrote {output}: {len(c.principles)} principles, {len(c.critique_examples)} few-shot examples",
+        highlight=False,
+    )
+
+
+# ---- up -------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--prompts",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSONL prompt file (default: the built-in 40 red-team + 40 benign prompts).",
+)
+@click.option(
+    "--constitution",
+    "constitution_path",
+    default="default",
+    show_default=True,
+    help="Constitution file or built-in name.",
+)
+@click.option(
+    "--model",
+    default="default",
+    show_default=True,
+    help="'default', a local Hugging Face model folder, or a hub id.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
+@click.option(
+    "--rounds",
+    type=click.IntRange(1, 8),
+    default=1,
+    show_default=True,
+    help="Critique/revision rounds per prompt.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Run folder (default: runs/<timestamp>)."
+)
+@click.option(
+    "--k-principles",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Comparison principles averaged per judgment.",
+)
+@click.option(
+    "--pairs",
+    type=click.Choice(["revision", "samples"]),
+    default="revision",
+    show_default=True,
+    help="revision: judge the final revision against the initial answer; "
+    "samples: judge two sampled answers (RL-CAI).",
+)
+@click.option("--cot", is_flag=True, help="Chain-of-thought judging (labels clamped to [0.4, 0.6]).")
+@click.option("--no-debias", is_flag=True, help="Judge only one ordering of each pair.")
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=96,
+    show_default=True,
+    help="Length limit of the initial answers.",
+)
+@click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32.",
+)
+def up(
+    prompts: Path | None,
+    constitution_path: str,
+    model: str,
+    limit: int | None,
+    rounds: int,
+    seed: int,
+    out: Path | None,
+    k_principles: int,
+    pairs: str,
+    cot: bool,
+    no_debias: bool,
+    max_new_tokens: int,
+    device: str | None,
+    dtype: str,
+) -> None:
+    """Run SL-CAI and RL-CAI data generation on one machine and write runs/<id>/."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cai import constitution as constitution_mod
+    from cai import pipeline
+    from cai.backends.base import SamplingParams
+    from cai.models import DEFAULT_MODEL, is_ready, resolve_model, setup_default_model
+    from cai.paths import default_model_dir
+
+    records = pipeline.load_prompts(prompts, limit)
+    cons = constitution_mod.load(constitution_path)
+    _quiet_transformers()
+    if model == DEFAULT_MODEL and not is_ready(default_model_dir()):
+        setup_default_model(progress=console.print)
+    from cai.backends.transformers import TransformersBackend
+    from cai.engine import CAIEngine
+
+    with console.status(f"loading {model}"):
+        backend = TransformersBackend(resolve_model(model), device=device, dtype=dtype)
+    config = pipeline.RunConfig(
+        out=out or pipeline.new_run_dir(),
+        prompts=prompts,
+        limit=limit,
+        rounds=rounds,
+        seed=seed,
+        k_principles=k_principles,
+        debias=not no_debias,
+        cot=cot,
+        pairs=pairs,  # type: ignore[arg-type]
+        response_params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.95),
+    )
+    engine = CAIEngine(backend, cons)
+    console.print(
+        f"constitution {cons.id} {cons.version} (sha256 {cons.hash[:12]}), model {backend.model_id}, "
+        f"{backend.device} {str(backend.dtype).removeprefix('torch.')}, {len(records)} prompts",
+        highlight=False,
+    )
+    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        tasks = {
+            stage: progress.add_task(stage, total=len(records))
+            for stage in ("responses", "critiques", "judgments")
+        }
+        info = asyncio.run(pipeline.run(engine, config, records, lambda s: progress.advance(tasks[s])))
+    _print_summary(info, pairs, config.out)
+
+
+def _print_summary(info: dict[str, Any], pairs: str, out: Path) -> None:
+    first = "revision" if pairs == "revision" else "sample A"
+    table = Table(
+        "category",
+        "prompts",
+        f"mean p({first} better)",
+        f"{first} preferred",
+        "initial chars",
+        "final chars",
+        title="cai up summary",
+    )
+    for row in info["summary"]:
+        table.add_row(
+            row["category"],
+            str(row["prompts"]),
+            f"{row['mean_p_first']:.3f}",
+            f"{row['first_preferred']:.0%}",
+            f"{row['mean_initial_chars']:.0f}",
+            f"{row['mean_final_chars']:.0f}",
+        )
+    console.print(table)
+    console.print(
+        f"wrote {info['counts']['sft']} SFT examples, {info['counts']['preferences']} preference pairs "
+        f"and {info['counts']['revisions']} revision chains to {out}/ in {info['duration_s']:.0f} s",
+        highlight=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The CAI engine: critique/revision chains (SL-CAI) and soft preference labels (RL-CAI).
+
+Backend-agnostic and async: every model call goes through `Backend`, so the same engine runs
+on the in-process model, a TGI server or a policy service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+
+from cai import labels, prompting
+from cai.backends.base import Backend, SamplingParams
+from cai.constitution import Constitution, Conversation, Principle
+from cai.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class CritiqueStep:
+    principle_id: str
+    critique: str
+    revision: str
+
+
+@dataclass(frozen=True)
+class CritiqueChain:
+    initial: str
+    steps: list[CritiqueStep]
+
+    @property
+    def final(self) -> str:
+        return self.steps[-1].revision if self.steps else self.initial
+
+    @property
+    def principle_ids(self) -> list[str]:
+        return [s.principle_id for s in self.steps]
+
+
+@dataclass(frozen=True)
+class PrincipleLabel:
+    """One principle's verdict. p_first_* is the judge's p(first option) in each ordering."""
+
+    principle_id: str
+    p_a: float
+    p_first_ab: float
+    p_first_ba: float | None = None
+    reasoning: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    p_a: float  # probability that response A is the better one under the constitution
+    labels: list[PrincipleLabel]
+
+    @property
+    def principle_ids(self) -> list[str]:
+        return [label.principle_id for label in self.labels]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    critique_params: SamplingParams = SamplingParams(max_new_tokens=96, temperature=0.7, top_p=0.95)
+    revision_params: SamplingParams = SamplingParams(max_new_tokens=128, temperature=0.7, top_p=0.95)
+    cot_params: SamplingParams = SamplingParams(max_new_tokens=64, temperature=0.0, stop=("The answer is",))
+    few_shot_critique: int = 1  # examples shown before each critique; more cost prefill time
+    few_shot_comparison: int = 2
+    cot_clamp: tuple[float, float] = (0.4, 0.6)
+
+
+class CAIEngine:
+    def __init__(self, backend: Backend, constitution: Constitution, config: EngineConfig | None = None):
+        self.backend = backend
+        self.constitution = constitution
+        self.config = config or EngineConfig()
+
+    def _principles(
+        self, rng: random.Random, count: int, explicit: list[str] | None, kind: str
+    ) -> list[Principle]:
+        if explicit:
+            chosen = [self.constitution.principle(pid) for pid in explicit]
+            missing = [p.id for p in chosen if not (p.comparison if kind == "comparison" else p.critique)]
+            if missing:
+                raise InvalidArgument(f"principles: {', '.join(missing)} have no {kind} request")
+            return chosen
+        return self.constitution.sample(rng, count, kind)  # type: ignore[arg-type]
+
+    async def critique_revise(
+        self,
+        conversation: Conversation,
+        rounds: int = 1,
+        principles: list[str] | None = None,
+        seed: int | None = None,
+    ) -> CritiqueChain:
+        """Critique and revise the conversation's last (assistant) message `rounds` times.
+
+        Each round draws one principle (weighted, seeded) unless `principles` names one per round.
+        """
+        if not conversation or conversation[-1]["role"] != "assistant":
+            raise InvalidArgument("conversation: must end with the assistant response to critique")
+        if rounds < 1:
+            raise InvalidArgument(f"rounds: must be >= 1, got {rounds}")
+        if principles and len(principles) != rounds:
+            raise InvalidArgument(f"principles: give one per round ({rounds}), got {len(principles)}")
+        rng = random.Random(seed)
+        chosen = (
+            self._principles(rng, rounds, principles, "critique")
+            if principles
+            else [self.constitution.sample(rng, 1, "critique")[0] for _ in range(rounds)]
+        )
+        examples = self.constitution.critique_examples[: self.config.few_shot_critique]
+        history, response = conversation[:-1], conversation[-1]["content"]
+        steps = []
+        for i, principle in enumerate(chosen):
+            turns = prompting.critique_messages(
+                self.constitution,
+                examples,
+                [*history, {"role": "assistant", "content": response}],
+                principle.critique or "",
+            )
+            step_seed = None if seed is None else seed * 1000 + 2 * i
+            critique = await self._generate(turns, self.config.critique_params, step_seed)
+            turns = prompting.revision_messages(turns, critique, principle.revision or "")
+            revision = await self._generate(
+                turns, self.config.revision_params, None if step_seed is None else step_seed + 1
+            )
+            steps.append(CritiqueStep(principle.id, critique, revision or response))
+            response = revision or response
+        return CritiqueChain(conversation[-1]["content"], steps)
+
+    async def _generate(self, turns: Conversation, params: SamplingParams, seed: int | None) -> str:
+        prompt = self.backend.render(turns)
+        params = SamplingParams(**{**params.__dict__, "seed": seed, "n": 1})
+        [completion] = await self.backend.generate(prompt, params)
+        return prompting.clean_output(completion.text)
+
+    async def compare(
+        self,
+        conversation: Conversation,
+        a: str,
+        b: str,
+        k_principles: int = 1,
+        debias: bool = True,
+        cot: bool = False,
+        principles: list[str] | None = None,
+        seed: int | None = None,
+    ) -> ComparisonResult:
+        """p(A better than B) from the option tokens' log-probs, averaged over k principles.
+
+        With `debias`, every principle also judges the swapped order and the two are averaged.
+        With `cot`, the judge first writes its reasoning; the label is then clamped.
+        """
+        if not conversation or conversation[-1]["role"] != "user":
+            raise InvalidArgument("conversation: must end with the user turn both responses answer")
+        if not a.strip() or not b.strip():
+            raise InvalidArgument("responses: both responses must be non-empty")
+        rng = random.Random(seed)
+        chosen = self._principles(rng, k_principles, principles, "comparison")
+        orderings = [(a, b), (b, a)] if debias else [(a, b)]
+        jobs = [
+            self._judge(conversation, p.comparison or "", first, second, cot)
+            for p in chosen
+            for first, second in orderings
+        ]
+        results = await asyncio.gather(*jobs)
+        per_principle = []
+        for i, principle in enumerate(chosen):
+            (p_ab, why_ab), *swapped = results[i * len(orderings) : (i + 1) * len(orderings)]
+            if swapped:
+                p_ba, why_ba = swapped[0]
+                p_a = labels.debias(p_ab, p_ba)
+                per_principle.append(PrincipleLabel(principle.id, p_a, p_ab, p_ba, [why_ab, why_ba]))
+            else:
+                per_principle.append(PrincipleLabel(principle.id, p_ab, p_ab, None, [why_ab]))
+        p_a = labels.ensemble([label.p_a for label in per_principle])
+        return ComparisonResult(p_a, per_principle)
+
+    async def _judge(
+        self, conversation: Conversation, question: str, first: str, second: str, cot: bool
+    ) -> tuple[float, str]:
+        examples = self.constitution.comparison_examples[: self.config.few_shot_comparison]
+        turns = prompting.comparison_messages(
+            self.constitution, examples, conversation, question, first, second, cot
+        )
+        prompt = self.backend.render(turns)
+        reasoning = ""
+        if cot:
+            prompt += prompting.COT_PREFIX
+            [completion] = await self.backend.generate(prompt, self.config.cot_params)
+            reasoning = completion.text.strip()
+            prompt += f" {reasoning}\n"
+        logp = await self.backend.score_options(prompt + prompting.ANSWER_PREFIX, list(prompting.OPTIONS))
+        p_first = labels.option_probability(logp[0], logp[1])
+        if cot:
+            p_first = labels.clamp(p_first, *self.config.cot_clamp)
+        return p_first, reasoning

@@ -1,0 +1,287 @@
+"""`cai up`: generate -> critique/revise -> judge on one machine, writing SL-CAI and RL-CAI data.
+
+Outputs in the run folder:
+- `sft.jsonl`: prompt -> final revision (TRL conversational prompt/completion format);
+- `preferences.jsonl`: TRL preference format (prompt/chosen/rejected) plus the soft label
+  `p_chosen` and its per-principle detail;
+- `revisions.jsonl`: every critique/revision chain in full;
+- `run.json`: the configuration, versions, counts and summary.
+Every record carries its sample id, prompt id, constitution id and hash, principle ids, model id,
+policy version and seed, so any training example can be traced back to how it was made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from cai import __version__
+from cai.backends.base import SamplingParams
+from cai.engine import CAIEngine, CritiqueChain
+from cai.errors import InvalidArgument, NotFound
+from cai.paths import builtin_prompts_file
+
+PairSource = Literal["revision", "samples"]
+Stage = Literal["responses", "critiques", "judgments"]
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    prompt: str
+    category: str = "uncategorized"
+
+
+@dataclass
+class RunConfig:
+    out: Path
+    prompts: Path | None = None  # None: the built-in red-team and benign set
+    limit: int | None = None
+    rounds: int = 1
+    seed: int = 0
+    k_principles: int = 1
+    debias: bool = True
+    cot: bool = False
+    pairs: PairSource = "revision"
+    response_params: SamplingParams = field(
+        default_factory=lambda: SamplingParams(max_new_tokens=96, temperature=0.7, top_p=0.95)
+    )
+    concurrency: int = 32
+
+
+def load_prompts(path: Path | None, limit: int | None = None) -> list[PromptRecord]:
+    """Read a JSONL prompt file: one object per line with `prompt`, optional `id` and `category`.
+
+    Any bad line stops the run with its line number, so no prompt is dropped silently.
+    """
+    path = path or builtin_prompts_file()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise NotFound(f"--prompts: cannot read {path}: {exc.strerror}") from exc
+    records: list[PromptRecord] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"{where}: invalid JSON: {exc.msg}") from exc
+        if not isinstance(row, dict):
+            raise InvalidArgument(f"{where}: expected a JSON object with a 'prompt' field")
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidArgument(f"{where}: prompt: must be a non-empty string")
+        prompt_id = str(row.get("id", f"line-{number}"))
+        if prompt_id in seen:
+            raise InvalidArgument(f"{where}: id: {prompt_id!r} repeats line {seen[prompt_id]}")
+        seen[prompt_id] = number
+        records.append(PromptRecord(prompt_id, prompt.strip(), str(row.get("category", "uncategorized"))))
+    if not records:
+        raise InvalidArgument(f"--prompts: {path} holds no prompts")
+    return records[:limit] if limit else records
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """A per-prompt seed, so a prompt's results do not depend on the others in the run."""
+    return int(_digest(seed, prompt_id)[:8], 16)
+
+
+@dataclass
+class PromptResult:
+    record: PromptRecord
+    seed: int
+    responses: list[str]
+    chain: CritiqueChain
+    p_a: float  # p(first response of the pair is better)
+    pair: tuple[str, str]
+    judgment: dict[str, Any]
+    policy_version: str
+
+
+async def _process(
+    engine: CAIEngine, config: RunConfig, record: PromptRecord, advance: Callable[[Stage], None]
+) -> PromptResult:
+    seed = prompt_seed(config.seed, record.id)
+    conversation = [{"role": "user", "content": record.prompt}]
+    n = 2 if config.pairs == "samples" else 1
+    params = SamplingParams(**{**asdict(config.response_params), "n": n, "seed": seed})
+    completions = await engine.backend.generate(engine.backend.render(conversation), params)
+    responses = [c.text.strip() or "(empty response)" for c in completions]
+    advance("responses")
+    chain = await engine.critique_revise(
+        [*conversation, {"role": "assistant", "content": responses[0]}], config.rounds, seed=seed
+    )
+    advance("critiques")
+    # revision pairs: is the revision better than the answer it revised? samples: RL-CAI proper.
+    pair = (chain.final, chain.initial) if config.pairs == "revision" else (responses[0], responses[1])
+    result = await engine.compare(
+        conversation,
+        *pair,
+        k_principles=config.k_principles,
+        debias=config.debias,
+        cot=config.cot,
+        seed=seed,
+    )
+    advance("judgments")
+    judgment = {
+        "p_a": result.p_a,
+        "principles": [asdict(label) for label in result.labels],
+    }
+    return PromptResult(
+        record, seed, responses, chain, result.p_a, pair, judgment, completions[0].policy_version
+    )
+
+
+def _records(result: PromptResult, engine: CAIEngine, run_id: str) -> dict[str, dict[str, Any]]:
+    c = engine.constitution
+    rec = result.record
+    meta = {
+        "prompt_id": rec.id,
+        "category": rec.category,
+        "constitution_id": c.id,
+        "constitution_version": c.version,
+        "constitution_hash": c.hash,
+        "model_id": engine.backend.model_id,
+        "policy_version": result.policy_version,
+        "seed": result.seed,
+        "run_id": run_id,
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+    prompt = [{"role": "user", "content": rec.prompt}]
+    chain_ids = result.chain.principle_ids
+    a_wins = result.p_a >= 0.5
+    chosen, rejected = result.pair if a_wins else result.pair[::-1]
+    return {
+        "sft": {
+            "sample_id": _digest("sft", meta["seed"], rec.id, c.hash, meta["model_id"])[:24],
+            "prompt": prompt,
+            "completion": [{"role": "assistant", "content": result.chain.final}],
+            "principle_ids": chain_ids,
+            **meta,
+        },
+        "revision": {
+            "sample_id": _digest("revision", meta["seed"], rec.id, c.hash, meta["model_id"])[:24],
+            "prompt": prompt,
+            "initial": result.chain.initial,
+            "steps": [asdict(s) for s in result.chain.steps],
+            "final": result.chain.final,
+            "principle_ids": chain_ids,
+            **meta,
+        },
+        "preference": {
+            "sample_id": _digest("preference", meta["seed"], rec.id, c.hash, meta["model_id"])[:24],
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "p_chosen": result.p_a if a_wins else 1 - result.p_a,
+            "chosen_is_revision": (chosen == result.chain.final) if len(result.responses) == 1 else None,
+            "principle_ids": [p["principle_id"] for p in result.judgment["principles"]],
+            "judgment": result.judgment["principles"],
+            "critique_principle_ids": chain_ids,
+            **meta,
+        },
+    }
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def summarize(results: list[PromptResult]) -> list[dict[str, Any]]:
+    """One row per prompt category and one for all prompts."""
+    groups: dict[str, list[PromptResult]] = {}
+    for r in results:
+        groups.setdefault(r.record.category, []).append(r)
+    groups["all"] = results
+    rows = []
+    for category, items in groups.items():
+        n = len(items)
+        rows.append(
+            {
+                "category": category,
+                "prompts": n,
+                # In revision mode the pair is (revision, initial): p_a is p(revision better).
+                "mean_p_first": sum(r.p_a for r in items) / n,
+                "first_preferred": sum(r.p_a >= 0.5 for r in items) / n,
+                "mean_initial_chars": sum(len(r.chain.initial) for r in items) / n,
+                "mean_final_chars": sum(len(r.chain.final) for r in items) / n,
+            }
+        )
+    return rows
+
+
+async def run(
+    engine: CAIEngine,
+    config: RunConfig,
+    prompts: list[PromptRecord],
+    advance: Callable[[Stage], None] = lambda stage: None,
+) -> dict[str, Any]:
+    """Run the pipeline over `prompts` and write the run folder; returns run.json's content."""
+    started = time.time()
+    config.out.mkdir(parents=True, exist_ok=True)
+    run_id = config.out.name
+    gate = asyncio.Semaphore(config.concurrency)
+
+    async def bounded(record: PromptRecord) -> PromptResult:
+        async with gate:
+            return await _process(engine, config, record, advance)
+
+    results = await asyncio.gather(*(bounded(r) for r in prompts))
+    rows = [_records(r, engine, run_id) for r in results]
+    _write_jsonl(config.out / "sft.jsonl", [r["sft"] for r in rows])
+    _write_jsonl(config.out / "revisions.jsonl", [r["revision"] for r in rows])
+    _write_jsonl(config.out / "preferences.jsonl", [r["preference"] for r in rows])
+    import torch
+    import transformers
+
+    c = engine.constitution
+    run_info = {
+        "run_id": run_id,
+        "created_at": datetime.fromtimestamp(started, UTC).isoformat(),
+        "duration_s": round(time.time() - started, 2),
+        "model_id": engine.backend.model_id,
+        "constitution": {"id": c.id, "version": c.version, "hash": c.hash, "source": c.source},
+        "config": {
+            **{k: v for k, v in asdict(config).items() if k not in ("out", "prompts")},
+            "prompts": str(config.prompts or builtin_prompts_file()),
+            "engine": asdict(engine.config),
+        },
+        "counts": {
+            "prompts": len(prompts),
+            "sft": len(rows),
+            "preferences": len(rows),
+            "revisions": len(rows),
+        },
+        "summary": summarize(results),
+        "versions": {
+            "cai": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    (config.out / "run.json").write_text(json.dumps(run_info, indent=2, ensure_ascii=False) + "\n")
+    return run_info
+
+
+def new_run_dir(root: Path = Path("runs")) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    path, i = root / stamp, 1
+    while path.exists():
+        path, i = root / f"{stamp}-{i}", i + 1
+    return path
