@@ -62,8 +62,7 @@ def models_setup(force: bool) -> None:
     """Install and convert the default model (SmolLM2-135M-Instruct) into $CAI_HOME."""
     from cai.models import setup_default_model
 
-    with console.status("preparing the default model") as status:
-        setup_default_model(progress=lambda msg: (status.update(msg), console.print(msg)), force=force)
+    setup_default_model(progress=console.print, force=force)
 
 
 @models.command("list")

@@ -64,7 +64,7 @@ class EngineConfig:
     revision_params: SamplingParams = SamplingParams(max_new_tokens=128, temperature=0.7, top_p=0.95)
     cot_params: SamplingParams = SamplingParams(max_new_tokens=64, temperature=0.0, stop=("The answer is",))
     few_shot_critique: int = 1  # examples shown before each critique; more cost prefill time
-    few_shot_comparison: int = 2
+    few_shot_comparison: int = 1
     cot_clamp: tuple[float, float] = (0.4, 0.6)
 
 

@@ -22,7 +22,8 @@ OPTIONS = ("A", "B")
 
 
 def system_message(constitution: Constitution) -> Message:
-    text = f"You review AI assistant answers against a written constitution. {constitution.description}"
+    # The description is written for people; the hard constraints are what the model must know.
+    text = "You review AI assistant answers against a written constitution."
     if constitution.hard_constraints:
         lines = "\n".join(f"- {h.text}" for h in constitution.hard_constraints)
         text += f"\nNo answer may ever cross these lines:\n{lines}"
