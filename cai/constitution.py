@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jsonschema
 import yaml
@@ -242,7 +242,8 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[PathKey, str]:
             missing = error.message.split("'")[1]
             return path, f"missing required field '{missing}'"
         case "additionalProperties":
-            extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            known = cast(dict[str, Any], error.schema).get("properties", {})
+            extra = sorted(set(cast(dict[str, Any], error.instance)) - set(known))
             return (*path, extra[0], "__key__"), f"unknown field '{extra[0]}'"
         case "dependentRequired":
             return path, "'critique' and 'revision' must be given together"

@@ -75,8 +75,7 @@ def setup_default_model(progress: Progress = print, force: bool = False) -> Path
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
     # The GGUF loader de-quantizes to float32 but leaves a quantizer attached, which would mark
     # the saved folder as quantized and untrainable. Drop it before saving.
-    model.hf_quantizer = None
-    model.config.quantization_config = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     del model.config.quantization_config
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

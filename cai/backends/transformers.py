@@ -18,7 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -55,7 +55,7 @@ class _GenerateJob:
     params: SamplingParams
     future: asyncio.Future[list[Completion]]
     loop: asyncio.AbstractEventLoop
-    on_text: Callable[[str], None] | None = None  # streaming: called with each new piece
+    on_text: Callable[[str], object] | None = None  # streaming: called with each new piece
     streamed: int = 0
 
     @property
@@ -186,7 +186,7 @@ class TransformersBackend(Backend):
         max_queue: int = 256,
         dtype: str = "auto",
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import transformers
 
         self.model_id = model
         self.device = device or default_device()
@@ -196,11 +196,14 @@ class TransformersBackend(Backend):
         self.batch_window = batch_window_ms / 1000
         self.max_queue = max_queue
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype).to(self.device)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+            # Any: transformers' decorators hide the model's methods from the type checker.
+            self.model: Any = cast(
+                Any, transformers.AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype)
+            )
         except OSError as exc:
             raise NotFound(f"--model: cannot load {model!r}: {str(exc).splitlines()[0]}") from exc
-        self.model.eval()
+        self.model.to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -369,7 +372,9 @@ class TransformersBackend(Backend):
         The token budget bounds the KV cache and the attention scores, so long prompts
         make smaller batches instead of a memory spike.
         """
-        batch, rest, rows, width = [], [], 0, 0
+        batch: list[Any] = []
+        rest: list[Any] = []
+        rows = width = 0
         for job in jobs:
             wider = max(width, job.width)
             fits = (
@@ -514,7 +519,7 @@ class TransformersBackend(Backend):
             row.finish = "stop"
         else:
             row.out_ids.append(token)
-            row.text = self.tokenizer.decode(row.out_ids, skip_special_tokens=True)
+            row.text = str(self.tokenizer.decode(row.out_ids, skip_special_tokens=True))
             for stop in row.params.stop:
                 at = row.text.find(stop)
                 if at != -1:
