@@ -32,7 +32,8 @@ from cai.models import setup_default_model
 from cai.pipeline import load_prompts
 
 RESULTS = Path(__file__).parent / "results"
-console = Console()
+_ANSWER = re.compile(r"answer is:?\s*\(?([AB])\b")
+console = Console(width=150)
 
 
 def machine() -> dict[str, Any]:
@@ -106,9 +107,6 @@ async def bench_batching(backend: TransformersBackend, requests: int, max_new_to
 # ---- judging ------------------------------------------------------------------------------
 
 
-_JSON_ANSWER = re.compile(r'"answer"\s*:\s*"?\(?([AB])')
-
-
 async def bench_judging(backend: TransformersBackend, pairs: int) -> None:
     """Labels per second on the same pairs: log-prob scoring vs two generating judges."""
     cons = constitution.load("default")
@@ -133,32 +131,33 @@ async def bench_judging(backend: TransformersBackend, pairs: int) -> None:
     def base_prompt(conv: Any, a: str, b: str) -> str:
         return backend.render(prompting.comparison_messages(cons, examples, conv, question, a, b, cot=False))
 
-    async def logprob_judge() -> list[float]:
-        async def one(conv: Any, a: str, b: str) -> float:
-            la, lb = await backend.score_options(
-                base_prompt(conv, a, b) + prompting.ANSWER_PREFIX, ["A", "B"]
-            )
-            return labels.option_probability(la, lb)
+    # Each judge returns (label, or None when its output cannot be parsed; tokens it generated).
+    Result = tuple[float | None, int]
+
+    async def logprob_judge() -> list[Result]:
+        async def one(conv: Any, a: str, b: str) -> Result:
+            prompt = base_prompt(conv, a, b) + prompting.ANSWER_PREFIX
+            la, lb = await backend.score_options(prompt, ["A", "B"])
+            return labels.option_probability(la, lb), 0
 
         return list(await asyncio.gather(*(one(*it) for it in items)))
 
-    async def one_token_judge() -> list[float | None]:
-        async def one(conv: Any, a: str, b: str) -> float | None:
+    async def one_token_judge() -> list[Result]:
+        async def one(conv: Any, a: str, b: str) -> Result:
             params = SamplingParams(max_new_tokens=1, temperature=0)
             [c] = await backend.generate(base_prompt(conv, a, b) + prompting.ANSWER_PREFIX, params)
             answer = c.text.strip()[:1]
-            return 1.0 if answer == "A" else 0.0 if answer == "B" else None
+            return (1.0 if answer == "A" else 0.0 if answer == "B" else None), c.tokens
 
         return list(await asyncio.gather(*(one(*it) for it in items)))
 
-    async def rationale_judge() -> list[float | None]:
-        async def one(conv: Any, a: str, b: str) -> float | None:
-            turns = prompting.comparison_messages(cons, [], conv, question, a, b, cot=False)
-            turns[-1]["content"] += ' Reply in JSON: {"reason": "<one sentence>", "answer": "A" or "B"}'
-            params = SamplingParams(max_new_tokens=64, temperature=0)
-            [c] = await backend.generate(backend.render(turns), params)
-            found = _JSON_ANSWER.search(c.text)
-            return None if not found else 1.0 if found.group(1) == "A" else 0.0
+    async def rationale_judge() -> list[Result]:
+        async def one(conv: Any, a: str, b: str) -> Result:
+            # One generation: its reasoning, then "The answer is: (X)" in the few-shot's format.
+            prompt = base_prompt(conv, a, b) + prompting.COT_PREFIX
+            [c] = await backend.generate(prompt, SamplingParams(max_new_tokens=64, temperature=0))
+            found = _ANSWER.search(c.text)
+            return (None if not found else 1.0 if found.group(1) == "A" else 0.0), c.tokens
 
         return list(await asyncio.gather(*(one(*it) for it in items)))
 
@@ -167,16 +166,19 @@ async def bench_judging(backend: TransformersBackend, pairs: int) -> None:
     for name, run, soft in (
         ("log-prob of option tokens (ours)", logprob_judge, "yes"),
         ("generate 1 token, parse A/B", one_token_judge, "no"),
-        ("rationale then answer (<= 64 tokens, JSON)", rationale_judge, "no"),
+        ("writes a rationale (<= 64 tokens), then answers", rationale_judge, "no"),
     ):
-        seconds, results = await timed(run)
-        parsed = [r for r in results if r is not None]
+        # best of two runs: the first may pay for warm-up and the machine is shared
+        (seconds, results), (again, _) = await timed(run), await timed(run)
+        seconds = min(seconds, again)
+        parsed = [label for label, _ in results if label is not None]
         rows.append(
             {
                 "judge": name,
                 "pairs": len(items),
                 "seconds": seconds,
                 "labels_per_s": len(items) / seconds,
+                "new_tokens_per_label": sum(tokens for _, tokens in results) / len(items),
                 "parsed": f"{len(parsed)}/{len(items)}",
                 "soft_labels": soft,
             }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cai import labels, prompting
 from cai.backends.base import Backend, SamplingParams
@@ -130,7 +130,7 @@ class CAIEngine:
 
     async def _generate(self, turns: Conversation, params: SamplingParams, seed: int | None) -> str:
         prompt = self.backend.render(turns)
-        params = SamplingParams(**{**params.__dict__, "seed": seed, "n": 1})
+        params = replace(params, seed=seed, n=1)
         [completion] = await self.backend.generate(prompt, params)
         return prompting.clean_output(completion.text)
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -118,7 +118,7 @@ async def _process(
     seed = prompt_seed(config.seed, record.id)
     conversation = [{"role": "user", "content": record.prompt}]
     n = 2 if config.pairs == "samples" else 1
-    params = SamplingParams(**{**asdict(config.response_params), "n": n, "seed": seed})
+    params = replace(config.response_params, n=n, seed=seed)
     completions = await engine.backend.generate(engine.backend.render(conversation), params)
     responses = [c.text.strip() or "(empty response)" for c in completions]
     advance("responses")

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import inspect
 import logging
+import secrets
 import sys
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,7 @@ class _GenerateJob:
     loop: asyncio.AbstractEventLoop
     on_text: Callable[[str], object] | None = None  # streaming: called with each new piece
     streamed: int = 0
+    queued: bool = False  # counted in the queue's rows until a batch takes it or it is cancelled
 
     @property
     def rows(self) -> int:
@@ -73,6 +75,7 @@ class _ScoreJob:
     option_ids: list[list[int]]
     future: asyncio.Future[list[float]]
     loop: asyncio.AbstractEventLoop
+    queued: bool = False
 
     @property
     def rows(self) -> int:
@@ -322,12 +325,20 @@ class TransformersBackend(Backend):
             )
         assert self._queue is not None
         self._pending_rows += job.rows
+        job.queued = True
         self._queue.put_nowait(job)
         try:
             return await job.future
         finally:
             if not job.future.done():
-                job.future.cancel()  # the caller was cancelled: the decode loop drops the rows
+                job.future.cancel()
+            if job.future.cancelled():  # the caller gave up: free its queue places; decoding drops it
+                self._dequeue(job)
+
+    def _dequeue(self, job: _Job) -> None:
+        if job.queued:
+            job.queued = False
+            self._pending_rows -= job.rows
 
     async def _work(self) -> None:
         assert self._queue is not None
@@ -356,7 +367,8 @@ class TransformersBackend(Backend):
             for batch, run in ((score_batch, self._run_scores), (gen_batch, self._run_generate)):
                 if not batch:
                     continue
-                self._pending_rows -= sum(j.rows for j in batch)
+                for job in batch:
+                    self._dequeue(job)
                 try:
                     await asyncio.get_running_loop().run_in_executor(self._executor, run, batch)
                 except Exception as exc:  # a failed batch fails its callers, not the worker
@@ -438,9 +450,10 @@ class TransformersBackend(Backend):
     def _run_generate(self, jobs: list[_GenerateJob]) -> None:
         rows: list[_Row] = []
         for job in jobs:
+            seed = job.params.seed if job.params.seed is not None else secrets.randbits(62)
             for i in range(job.params.n):
                 gen = torch.Generator()  # CPU generator: identical samples on any device
-                gen.manual_seed((job.params.seed if job.params.seed is not None else torch.seed()) + i)
+                gen.manual_seed(seed + i)
                 rows.append(_Row(job.prompt_ids, job.params, gen, job))
         version = self.policy_version
         self._decode(rows)

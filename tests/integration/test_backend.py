@@ -122,3 +122,20 @@ def test_bad_parameters_and_missing_model(tmp_path):
         SamplingParams(max_new_tokens=0).validate()
     with pytest.raises(NotFound, match="cannot load"):
         TransformersBackend(str(tmp_path / "no-such-model"))
+
+
+async def test_requests_cancelled_while_queued_free_their_queue_places(default_model):
+    b = TransformersBackend(default_model, device="cpu", dtype="float32", max_queue=2)
+    prompt = b.render(CHAT)
+    busy = asyncio.ensure_future(b.generate(prompt, SamplingParams(max_new_tokens=40)))
+    await asyncio.sleep(0.3)  # the worker is now decoding `busy`
+    waiting = [asyncio.ensure_future(b.generate(prompt, SamplingParams(max_new_tokens=2))) for _ in range(2)]
+    await asyncio.sleep(0)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    # the two cancelled requests must not keep holding the queue's two places
+    results = await asyncio.gather(*(b.generate(prompt, SamplingParams(max_new_tokens=2)) for _ in range(2)))
+    assert all(r[0].tokens >= 1 for r in results)
+    await busy
+    await b.close()
