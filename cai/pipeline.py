@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from cai import __version__
 from cai.backends.base import SamplingParams
-from cai.engine import CAIEngine, CritiqueChain
+from cai.engine import CAIEngine, ComparisonResult, CritiqueChain
 from cai.errors import InvalidArgument, NotFound
 from cai.paths import builtin_prompts_file
 
@@ -106,9 +106,8 @@ class PromptResult:
     seed: int
     responses: list[str]
     chain: CritiqueChain
-    p_a: float  # p(first response of the pair is better)
     pair: tuple[str, str]
-    judgment: dict[str, Any]
+    judgment: ComparisonResult  # p_a: p(first response of the pair is better)
     policy_version: str
 
 
@@ -137,13 +136,7 @@ async def _process(
         seed=seed,
     )
     advance("judgments")
-    judgment = {
-        "p_a": result.p_a,
-        "principles": [asdict(label) for label in result.labels],
-    }
-    return PromptResult(
-        record, seed, responses, chain, result.p_a, pair, judgment, completions[0].policy_version
-    )
+    return PromptResult(record, seed, responses, chain, pair, result, completions[0].policy_version)
 
 
 def _records(result: PromptResult, engine: CAIEngine, run_id: str) -> dict[str, dict[str, Any]]:
@@ -163,7 +156,7 @@ def _records(result: PromptResult, engine: CAIEngine, run_id: str) -> dict[str, 
     }
     prompt = [{"role": "user", "content": rec.prompt}]
     chain_ids = result.chain.principle_ids
-    a_wins = result.p_a >= 0.5
+    a_wins = result.judgment.p_a >= 0.5
     chosen, rejected = result.pair if a_wins else result.pair[::-1]
     return {
         "sft": {
@@ -187,10 +180,10 @@ def _records(result: PromptResult, engine: CAIEngine, run_id: str) -> dict[str, 
             "prompt": prompt,
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}],
-            "p_chosen": result.p_a if a_wins else 1 - result.p_a,
+            "p_chosen": result.judgment.p_a if a_wins else 1 - result.judgment.p_a,
             "chosen_is_revision": (chosen == result.chain.final) if len(result.responses) == 1 else None,
-            "principle_ids": [p["principle_id"] for p in result.judgment["principles"]],
-            "judgment": result.judgment["principles"],
+            "principle_ids": result.judgment.principle_ids,
+            "judgment": [asdict(label) for label in result.judgment.labels],
             "critique_principle_ids": chain_ids,
             **meta,
         },
@@ -217,8 +210,8 @@ def summarize(results: list[PromptResult]) -> list[dict[str, Any]]:
                 "category": category,
                 "prompts": n,
                 # In revision mode the pair is (revision, initial): p_a is p(revision better).
-                "mean_p_first": sum(r.p_a for r in items) / n,
-                "first_preferred": sum(r.p_a >= 0.5 for r in items) / n,
+                "mean_p_first": sum(r.judgment.p_a for r in items) / n,
+                "first_preferred": sum(r.judgment.p_a >= 0.5 for r in items) / n,
                 "mean_initial_chars": sum(len(r.chain.initial) for r in items) / n,
                 "mean_final_chars": sum(len(r.chain.final) for r in items) / n,
             }

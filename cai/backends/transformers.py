@@ -425,7 +425,11 @@ class TransformersBackend(Backend):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         keep = 1 + max((len(o) for j in jobs for o in j.option_ids if j.rows > 1), default=0)
         logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            logits_to_keep=keep,
+            use_cache=False,
         ).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         self.stats.scored_sequences += len(sequences)
