@@ -168,8 +168,8 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """`auto`: bfloat16 on CUDA and on CPUs with native bf16 math (half the memory, about twice
-    the prefill speed), float32 elsewhere, where emulated bf16 would be slow."""
+    """`auto`: bfloat16 on CUDA and on CPUs with native bf16 math (less memory and time, see
+    docs/benchmarks.md), float32 elsewhere, where emulated bf16 would be slow."""
     if name == "auto":
         native = device.startswith("cuda") or (device == "cpu" and _cpu_has_native_bf16())
         return torch.bfloat16 if native else torch.float32
@@ -234,9 +234,6 @@ class TransformersBackend(Backend):
             )
         return plain_chat(messages, add_generation_prompt)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self._encode(text))
-
     def _encode(self, text: str) -> list[int]:
         # Rendered prompts already contain the template's special tokens.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -252,7 +249,7 @@ class TransformersBackend(Backend):
         params.validate()
         if params.n != 1:
             raise InvalidArgument("n: streaming returns one sample; use n = 1")
-        pieces: asyncio.Queue[str] = asyncio.Queue()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
         loop = self._running_loop()
         job = _GenerateJob(
             self._encode(prompt),
@@ -262,14 +259,11 @@ class TransformersBackend(Backend):
             on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece),
         )
         task = asyncio.ensure_future(self._submit(job))
+        # Pieces and the job's result arrive in order, so None marks the end after the last piece.
+        task.add_done_callback(lambda _: pieces.put_nowait(None))
         try:
-            while not (task.done() and pieces.empty()):
-                getter = asyncio.ensure_future(pieces.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
+            while (piece := await pieces.get()) is not None:
+                yield piece
             task.result()  # re-raise a failure of the generation itself
         finally:
             task.cancel()  # the consumer went away: free the batch slot
