@@ -1,0 +1,56 @@
+"""The `cai up` pipeline in process, on the real default model."""
+
+import json
+
+import pytest
+
+from cai import constitution, pipeline
+from cai.backends.base import SamplingParams
+from cai.engine import CAIEngine, EngineConfig
+
+pytestmark = pytest.mark.integration
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def test_samples_mode_is_rl_cai_and_the_same_seed_repeats_the_run(backend, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "q1", "prompt": "How do I keep basil fresh?", "category": "benign"}\n')
+    records = pipeline.load_prompts(prompts)
+    short = SamplingParams(max_new_tokens=24, temperature=0.8)
+    engine = CAIEngine(
+        backend, constitution.load("default"), EngineConfig(critique_params=short, revision_params=short)
+    )
+
+    def config(out):
+        return pipeline.RunConfig(
+            out=out,
+            prompts=prompts,
+            rounds=2,
+            seed=5,
+            pairs="samples",
+            k_principles=2,
+            response_params=short,
+        )
+
+    first = await pipeline.run(engine, config(tmp_path / "a"), records)
+    await pipeline.run(engine, config(tmp_path / "b"), records)
+    assert first["counts"]["preferences"] == 1
+    [pref] = read(tmp_path / "a" / "preferences.jsonl")
+    [chain] = read(tmp_path / "a" / "revisions.jsonl")
+    # RL-CAI: the pair is two sampled answers; the critique chain revises the first of them
+    assert {pref["chosen"][0]["content"], pref["rejected"][0]["content"]} != {
+        chain["initial"],
+        chain["final"],
+    }
+    assert chain["initial"] in (pref["chosen"][0]["content"], pref["rejected"][0]["content"])
+    assert pref["chosen_is_revision"] is None
+    assert len(chain["steps"]) == 2 and len(pref["principle_ids"]) == 2
+    # same seed, same prompts: the same principles, samples, critiques and labels
+    for name in ("sft.jsonl", "revisions.jsonl", "preferences.jsonl"):
+        a, b = read(tmp_path / "a" / name), read(tmp_path / "b" / name)
+        for row in a + b:
+            row.pop("created_at"), row.pop("run_id")
+        assert a == b, name
