@@ -12,11 +12,17 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cai.errors import CAIError
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def print_error(line: str) -> None:
+    # Text, not markup: messages quote user input and formats that contain [brackets].
+    err_console.print(Text.assemble(("error: ", "red"), line), highlight=False, soft_wrap=True)
 
 
 class CAIGroup(click.Group):
@@ -27,7 +33,7 @@ class CAIGroup(click.Group):
             return super().invoke(ctx)
         except CAIError as exc:
             for line in str(exc).splitlines():
-                err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+                print_error(line)
             sys.exit(2)
 
 
@@ -102,7 +108,7 @@ def constitution_validate(files: tuple[str, ...]) -> None:
         except ConstitutionError as exc:
             failed = True
             for problem in exc.problems:
-                err_console.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
+                print_error(problem)
             continue
         console.print(
             f"{c.source}: ok ({c.id} {c.version}, {len(c.principles)} principles, sha256 {c.hash[:16]})",
@@ -163,9 +169,9 @@ def constitution_import(
     principles file and the critique/revision few-shot file.
     """
     from cai.constitution import parse
-    from cai.importers import import_constitution
+    from cai.importers import import_constitution, slug
 
-    c = import_constitution(fmt, list(sources), constitution_id or output.stem.lower())
+    c = import_constitution(fmt, list(sources), constitution_id or slug(output.stem))
     parse(c.to_dict(), str(output))  # the result must load back as a valid constitution
     output.write_text(c.to_yaml(), encoding="utf-8")
     console.print(

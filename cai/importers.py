@@ -87,7 +87,7 @@ def import_anthropic_2022(paths: list[Path], constitution_id: str) -> Constituti
                     )
                 principles.append(
                     Principle(
-                        id=_slug(name),
+                        id=slug(name),
                         tier=IMPORTED_TIER.id,
                         rationale=rationale,
                         critique=_strip_framing(entry["prompt"][0], "Critique"),
@@ -100,7 +100,7 @@ def import_anthropic_2022(paths: list[Path], constitution_id: str) -> Constituti
             else:
                 principles += [
                     Principle(
-                        id=f"{_slug(path.stem)}-{i}",
+                        id=f"{slug(path.stem)}-{i}",
                         tier=IMPORTED_TIER.id,
                         rationale=rationale,
                         comparison=re.sub(r"\s*Options:\s*$", "", text.strip()),
@@ -189,7 +189,7 @@ def import_hf_cai(paths: list[Path], constitution_id: str) -> Constitution:
     )
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "principle"
 
 

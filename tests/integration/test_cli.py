@@ -111,3 +111,19 @@ def test_up_writes_a_valid_run(tmp_path, default_model):
     assert len({r["sample_id"] for r in prefs}) == 2
     assert run["counts"] == {"prompts": 2, "sft": 2, "preferences": 2, "revisions": 2}
     assert run["constitution"]["hash"] == c.hash
+
+
+def test_import_errors_keep_their_text(tmp_path, data_dir):
+    # an hf-cai file given as anthropic-2022: the message quotes the expected shape, brackets included
+    result = cai(
+        "constitution",
+        "import",
+        "--format",
+        "anthropic-2022",
+        str(data_dir / "import" / "hf_constitution.json"),
+        "-o",
+        str(tmp_path / "x.yaml"),
+    )
+    assert result.returncode == 2
+    assert "expected {'prompt': [critique request], 'edit_request': revision request}" in result.stderr
+    assert not (tmp_path / "x.yaml").exists()
