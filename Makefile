@@ -4,8 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 ARGS ?=
+TOOLS := $(CURDIR)/.tools
+BUF := $(TOOLS)/buf
+BUF_VERSION := v1.75.0
+PROTOS := $(wildcard protos/cai/v1/*.proto)
+PROTOC = $(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
 
-.PHONY: help install model up test lint format bench clean
+.PHONY: help install model up test lint format protos protos-check bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -24,10 +29,22 @@ model: install  ## prepare the default model (SmolLM2-135M-Instruct) in $CAI_HOM
 up: model  ## run the main job: `cai up` on the default model (extra flags: make up ARGS="--limit 8")
 	$(BIN)/cai up $(ARGS)
 
-lint: install  ## ruff lint and format check, mypy
+lint: install protos-check  ## buf lint, stubs up to date, ruff lint and format check, mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+$(BUF):
+	GOBIN=$(TOOLS) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+
+protos: install  ## regenerate the Python stubs in cai/v1 from protos/
+	$(call PROTOC,.)
+
+protos-check: install $(BUF)  ## buf lint the protos; fail if cai/v1 differs from what they generate
+	cd protos && $(BUF) lint
+	tmp=$$(mktemp -d) && $(call PROTOC,$$tmp) && \
+	  diff -r -x __init__.py -x __pycache__ $$tmp/cai/v1 cai/v1 || \
+	  { echo "cai/v1 is stale: run 'make protos' and commit the result"; exit 1; }
 
 format: install  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
@@ -40,4 +57,4 @@ bench: model  ## run the benchmarks; prints tables, writes benchmarks/results/*.
 	$(BIN)/python -m benchmarks.run
 
 clean:  ## remove .venv and caches (the prepared model in $CAI_HOME stays)
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
