@@ -35,6 +35,9 @@ class CAIGroup(click.Group):
             for line in str(exc).splitlines():
                 print_error(line)
             sys.exit(2)
+        except KeyboardInterrupt:
+            print_error("interrupted")
+            sys.exit(130)
 
 
 @click.group(cls=CAIGroup, context_settings={"help_option_names": ["-h", "--help"]})
