@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from cai.constitution import Conversation
@@ -41,17 +41,6 @@ class Completion:
     tokens: int
     finish_reason: FinishReason
     policy_version: str = ""
-
-
-@dataclass
-class BackendStats:
-    """Counters a caller can read to see how requests were batched."""
-
-    batches: int = 0
-    batch_rows: int = 0
-    generated_tokens: int = 0
-    scored_sequences: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 def plain_chat(messages: Conversation, add_generation_prompt: bool = True) -> str:

@@ -25,7 +25,6 @@ import torch
 
 from cai.backends.base import (
     Backend,
-    BackendStats,
     Completion,
     FinishReason,
     SamplingParams,
@@ -213,7 +212,7 @@ class TransformersBackend(Backend):
         eos = self.model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None}
-        self.stats = BackendStats()
+        self.batch_sizes: list[int] = []  # rows of each generate batch, for tests and metrics
         # Every batch and every weight swap runs on this one thread, in order: a swap can never
         # overlap a batch, and torch keeps one intra-op thread pool instead of one per caller.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cai-model")
@@ -426,7 +425,6 @@ class TransformersBackend(Backend):
             use_cache=False,
         ).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        self.stats.scored_sequences += len(sequences)
         row = 0
         for job in jobs:
             if job.rows == 1:
@@ -455,9 +453,7 @@ class TransformersBackend(Backend):
                 rows.append(_Row(job.prompt_ids, job.params, gen, job))
         version = self.policy_version
         self._decode(rows)
-        self.stats.batches += 1
-        self.stats.batch_rows += len(rows)
-        self.stats.batch_sizes.append(len(rows))
+        self.batch_sizes.append(len(rows))
         for job in jobs:
             done = [r for r in rows if r.job is job]
             if job.on_text is not None and done[0].text[job.streamed :]:
@@ -487,7 +483,6 @@ class TransformersBackend(Backend):
                 self._advance(row, token)
                 if row.finish is None:
                     keep.append(slot)
-            self.stats.generated_tokens += len(active)
             if not keep:
                 return
             next_tokens = torch.tensor([[tokens[s]] for s in keep], device=self.device)

@@ -29,14 +29,14 @@ async def test_generate_is_seeded_and_reports_tokens(backend):
 
 async def test_concurrent_requests_share_batches_and_keep_their_own_parameters(backend):
     prompt = backend.render(CHAT)
-    before = len(backend.stats.batch_sizes)
+    before = len(backend.batch_sizes)
     short, long_ = await asyncio.gather(
         backend.generate(prompt, SamplingParams(max_new_tokens=3, temperature=0)),
         backend.generate(prompt, SamplingParams(max_new_tokens=20, temperature=0)),
     )
     assert short[0].tokens == 3 and short[0].finish_reason == "length"
     assert long_[0].tokens > 3
-    assert max(backend.stats.batch_sizes[before:]) == 2  # one batch held both requests
+    assert max(backend.batch_sizes[before:]) == 2  # one batch held both requests
     # the batched greedy answer equals the same request run alone
     [alone] = await backend.generate(prompt, SamplingParams(max_new_tokens=20, temperature=0))
     assert alone.text == long_[0].text
