@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cai.errors import CAIError
+from cai.errors import CAIError, InvalidArgument
 
 console = Console()
 err_console = Console(stderr=True)
@@ -275,6 +275,10 @@ def up(
     from cai.models import DEFAULT_MODEL, is_ready, resolve_model, setup_default_model
     from cai.paths import default_model_dir
 
+    if out is not None and out.is_dir() and any(out.iterdir()):
+        raise InvalidArgument(
+            f"--out: {out} is not empty; choose a new folder so no earlier run is overwritten"
+        )
     records = pipeline.load_prompts(prompts, limit)
     cons = constitution_mod.load(constitution_path)
     _quiet_transformers()

@@ -1,11 +1,12 @@
 """The embedded transformers backend on the real default model."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
 
-from cai.backends.base import SamplingParams
+from cai.backends.base import SamplingParams, plain_chat
 from cai.backends.transformers import TransformersBackend
 from cai.errors import InvalidArgument, NotFound, ResourceExhausted
 
@@ -138,4 +139,18 @@ async def test_requests_cancelled_while_queued_free_their_queue_places(default_m
     results = await asyncio.gather(*(b.generate(prompt, SamplingParams(max_new_tokens=2)) for _ in range(2)))
     assert all(r[0].tokens >= 1 for r in results)
     await busy
+    await b.close()
+
+
+async def test_a_model_without_chat_template_gets_the_plain_transcript(default_model, tmp_path):
+    base = tmp_path / "base-model"
+    base.mkdir()
+    for item in Path(default_model).iterdir():
+        if item.name != "chat_template.jinja":  # as a base model ships: no chat template
+            (base / item.name).symlink_to(item)
+    b = TransformersBackend(str(base), device="cpu", dtype="float32")
+    messages = [{"role": "user", "content": "Name a colour."}]
+    assert b.render(messages) == plain_chat(messages) == "User: Name a colour.\n\nAssistant:"
+    [completion] = await b.generate(b.render(messages), SamplingParams(max_new_tokens=4, temperature=0))
+    assert completion.tokens >= 1
     await b.close()

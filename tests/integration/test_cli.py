@@ -71,17 +71,22 @@ def test_show_and_import(tmp_path, data_dir):
         (["--model", "/no/such/folder"], "model folder /no/such/folder does not exist"),
         (["--constitution", "/no/such.yaml"], "cannot read constitution"),
         (["--prompts", "BADPROMPTS"], "bad.jsonl:2: invalid JSON"),
+        (["--out", "NONEMPTY"], "is not empty; choose a new folder"),
     ],
 )
 def test_up_bad_input_is_one_clear_line(tmp_path, args, message):
     prompts = tmp_path / "bad.jsonl"
     prompts.write_text('{"prompt": "hi"}\n{oops\n')
-    args = [str(prompts) if a == "BADPROMPTS" else a for a in args]
+    earlier_run = tmp_path / "earlier"
+    earlier_run.mkdir()
+    (earlier_run / "run.json").write_text("{}")
+    args = [str(prompts) if a == "BADPROMPTS" else str(earlier_run) if a == "NONEMPTY" else a for a in args]
     result = cai("up", "--limit", "1", "--out", str(tmp_path / "run"), *args)
     assert result.returncode != 0
     assert message in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2  # rich may wrap one long line
+    assert (earlier_run / "run.json").read_text() == "{}"  # nothing of an earlier run is touched
 
 
 @pytest.mark.integration
