@@ -5,7 +5,8 @@ Outputs in the run folder:
 - `preferences.jsonl`: TRL preference format (prompt/chosen/rejected) plus the soft label
   `p_chosen` and its per-principle detail;
 - `revisions.jsonl`: every critique/revision chain in full;
-- `run.json`: the configuration, versions, counts and summary.
+- `run.json`: the configuration, versions, counts and summary, written last: a folder without it
+  holds an interrupted run, whose JSONL files keep every prompt it finished.
 Every record carries its sample id, prompt id, constitution id and hash, principle ids, model id,
 policy version and seed, so any training example can be traced back to how it was made.
 """
@@ -190,10 +191,30 @@ def _records(result: PromptResult, engine: CAIEngine, run_id: str) -> dict[str, 
     }
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+class _OrderedWriter:
+    """Appends each prompt's records as soon as it and every prompt before it are done.
+
+    Files grow while the run goes on (an interrupted run keeps what it finished) and still list
+    records in prompt order, so two runs with the same seed give identical files.
+    """
+
+    def __init__(self, out: Path):
+        names = {"sft": "sft.jsonl", "revision": "revisions.jsonl", "preference": "preferences.jsonl"}
+        self.files = {kind: (out / name).open("w", encoding="utf-8") for kind, name in names.items()}
+        self.done: dict[int, dict[str, dict[str, Any]]] = {}
+        self.next = 0
+
+    def add(self, index: int, records: dict[str, dict[str, Any]]) -> None:
+        self.done[index] = records
+        while self.next in self.done:
+            for kind, record in self.done.pop(self.next).items():
+                self.files[kind].write(json.dumps(record, ensure_ascii=False) + "\n")
+                self.files[kind].flush()
+            self.next += 1
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
 
 
 def summarize(results: list[PromptResult]) -> list[dict[str, Any]]:
@@ -231,15 +252,18 @@ async def run(
     run_id = config.out.name
     gate = asyncio.Semaphore(config.concurrency)
 
-    async def bounded(record: PromptRecord) -> PromptResult:
-        async with gate:
-            return await _process(engine, config, record, advance)
+    writer = _OrderedWriter(config.out)
 
-    results = await asyncio.gather(*(bounded(r) for r in prompts))
-    rows = [_records(r, engine, run_id) for r in results]
-    _write_jsonl(config.out / "sft.jsonl", [r["sft"] for r in rows])
-    _write_jsonl(config.out / "revisions.jsonl", [r["revision"] for r in rows])
-    _write_jsonl(config.out / "preferences.jsonl", [r["preference"] for r in rows])
+    async def bounded(index: int, record: PromptRecord) -> PromptResult:
+        async with gate:
+            result = await _process(engine, config, record, advance)
+        writer.add(index, _records(result, engine, run_id))
+        return result
+
+    try:
+        results = await asyncio.gather(*(bounded(i, r) for i, r in enumerate(prompts)))
+    finally:
+        writer.close()
     import torch
     import transformers
 
@@ -257,9 +281,9 @@ async def run(
         },
         "counts": {
             "prompts": len(prompts),
-            "sft": len(rows),
-            "preferences": len(rows),
-            "revisions": len(rows),
+            "sft": len(results),
+            "preferences": len(results),
+            "revisions": len(results),
         },
         "summary": summarize(results),
         "versions": {

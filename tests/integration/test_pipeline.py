@@ -1,5 +1,6 @@
 """The `cai up` pipeline in process, on the real default model."""
 
+import asyncio
 import json
 
 import pytest
@@ -54,3 +55,26 @@ async def test_samples_mode_is_rl_cai_and_the_same_seed_repeats_the_run(backend,
         for row in a + b:
             row.pop("created_at"), row.pop("run_id")
         assert a == b, name
+
+
+async def test_an_interrupted_run_keeps_the_prompts_it_finished(backend, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "short", "prompt": "Say hi."}\n{"id": "long", "prompt": "Tell a story."}\n')
+    records = pipeline.load_prompts(prompts)
+    short = SamplingParams(max_new_tokens=8, temperature=0.8)
+    engine = CAIEngine(
+        backend, constitution.load("default"), EngineConfig(critique_params=short, revision_params=short)
+    )
+    config = pipeline.RunConfig(out=tmp_path / "run", prompts=prompts, seed=1, concurrency=1)
+    config.response_params = short
+    run = asyncio.ensure_future(pipeline.run(engine, config, records))
+    sft = tmp_path / "run" / "sft.jsonl"
+    while not (sft.exists() and sft.read_text()):
+        await asyncio.sleep(0.2)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    [row] = read(sft)  # concurrency 1: the second prompt had not finished
+    assert row["prompt_id"] == "short"
+    assert len(read(tmp_path / "run" / "preferences.jsonl")) == 1
+    assert not (tmp_path / "run" / "run.json").exists()
