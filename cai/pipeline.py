@@ -157,18 +157,23 @@ def _records(result: PromptResult, engine: CAIEngine, run_id: str) -> dict[str, 
     }
     prompt = [{"role": "user", "content": rec.prompt}]
     chain_ids = result.chain.principle_ids
+
+    def sample_id(kind: str) -> str:
+        # Deterministic: the same prompt, seed, constitution and model give the same id.
+        return _digest(kind, result.seed, rec.id, c.hash, engine.backend.model_id)[:24]
+
     a_wins = result.judgment.p_a >= 0.5
     chosen, rejected = result.pair if a_wins else result.pair[::-1]
     return {
         "sft": {
-            "sample_id": _digest("sft", meta["seed"], rec.id, c.hash, meta["model_id"])[:24],
+            "sample_id": sample_id("sft"),
             "prompt": prompt,
             "completion": [{"role": "assistant", "content": result.chain.final}],
             "principle_ids": chain_ids,
             **meta,
         },
         "revision": {
-            "sample_id": _digest("revision", meta["seed"], rec.id, c.hash, meta["model_id"])[:24],
+            "sample_id": sample_id("revision"),
             "prompt": prompt,
             "initial": result.chain.initial,
             "steps": [asdict(s) for s in result.chain.steps],
@@ -177,7 +182,7 @@ def _records(result: PromptResult, engine: CAIEngine, run_id: str) -> dict[str, 
             **meta,
         },
         "preference": {
-            "sample_id": _digest("preference", meta["seed"], rec.id, c.hash, meta["model_id"])[:24],
+            "sample_id": sample_id("preference"),
             "prompt": prompt,
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}],
