@@ -74,16 +74,12 @@ class CAIEngine:
         self.constitution = constitution
         self.config = config or EngineConfig()
 
-    def _principles(
-        self, rng: random.Random, count: int, explicit: list[str] | None, kind: str
-    ) -> list[Principle]:
-        if explicit:
-            chosen = [self.constitution.principle(pid) for pid in explicit]
-            missing = [p.id for p in chosen if not (p.comparison if kind == "comparison" else p.critique)]
-            if missing:
-                raise InvalidArgument(f"principles: {', '.join(missing)} have no {kind} request")
-            return chosen
-        return self.constitution.sample(rng, count, kind)  # type: ignore[arg-type]
+    def _named(self, principle_ids: list[str], kind: str) -> list[Principle]:
+        chosen = [self.constitution.principle(pid) for pid in principle_ids]
+        missing = [p.id for p in chosen if not (p.comparison if kind == "comparison" else p.critique)]
+        if missing:
+            raise InvalidArgument(f"principles: {', '.join(missing)} have no {kind} request")
+        return chosen
 
     async def critique_revise(
         self,
@@ -104,7 +100,7 @@ class CAIEngine:
             raise InvalidArgument(f"principles: give one per round ({rounds}), got {len(principles)}")
         rng = random.Random(seed)
         chosen = (
-            self._principles(rng, rounds, principles, "critique")
+            self._named(principles, "critique")
             if principles
             else [self.constitution.sample(rng, 1, "critique")[0] for _ in range(rounds)]
         )
@@ -155,7 +151,11 @@ class CAIEngine:
         if not a.strip() or not b.strip():
             raise InvalidArgument("responses: both responses must be non-empty")
         rng = random.Random(seed)
-        chosen = self._principles(rng, k_principles, principles, "comparison")
+        chosen = (
+            self._named(principles, "comparison")
+            if principles
+            else self.constitution.sample(rng, k_principles, "comparison")
+        )
         orderings = [(a, b), (b, a)] if debias else [(a, b)]
         jobs = [
             self._judge(conversation, p.comparison or "", first, second, cot)
