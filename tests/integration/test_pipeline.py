@@ -12,18 +12,25 @@ from cai.engine import CAIEngine, EngineConfig
 pytestmark = pytest.mark.integration
 
 
+SHORT = SamplingParams(max_new_tokens=24, temperature=0.8)
+
+
 def read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-async def test_samples_mode_is_rl_cai_and_the_same_seed_repeats_the_run(backend, tmp_path):
+@pytest.fixture
+def engine(backend):
+    """The real model with short generations, to keep the runs quick."""
+    return CAIEngine(
+        backend, constitution.load("default"), EngineConfig(critique_params=SHORT, revision_params=SHORT)
+    )
+
+
+async def test_samples_mode_is_rl_cai_and_the_same_seed_repeats_the_run(engine, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "q1", "prompt": "How do I keep basil fresh?", "category": "benign"}\n')
     records = pipeline.load_prompts(prompts)
-    short = SamplingParams(max_new_tokens=24, temperature=0.8)
-    engine = CAIEngine(
-        backend, constitution.load("default"), EngineConfig(critique_params=short, revision_params=short)
-    )
 
     def config(out):
         return pipeline.RunConfig(
@@ -33,7 +40,7 @@ async def test_samples_mode_is_rl_cai_and_the_same_seed_repeats_the_run(backend,
             seed=5,
             pairs="samples",
             k_principles=2,
-            response_params=short,
+            response_params=SHORT,
         )
 
     first = await pipeline.run(engine, config(tmp_path / "a"), records)
@@ -57,16 +64,13 @@ async def test_samples_mode_is_rl_cai_and_the_same_seed_repeats_the_run(backend,
         assert a == b, name
 
 
-async def test_an_interrupted_run_keeps_the_prompts_it_finished(backend, tmp_path):
+async def test_an_interrupted_run_keeps_the_prompts_it_finished(engine, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "short", "prompt": "Say hi."}\n{"id": "long", "prompt": "Tell a story."}\n')
     records = pipeline.load_prompts(prompts)
-    short = SamplingParams(max_new_tokens=8, temperature=0.8)
-    engine = CAIEngine(
-        backend, constitution.load("default"), EngineConfig(critique_params=short, revision_params=short)
+    config = pipeline.RunConfig(
+        out=tmp_path / "run", prompts=prompts, seed=1, concurrency=1, response_params=SHORT
     )
-    config = pipeline.RunConfig(out=tmp_path / "run", prompts=prompts, seed=1, concurrency=1)
-    config.response_params = short
     run = asyncio.ensure_future(pipeline.run(engine, config, records))
     sft = tmp_path / "run" / "sft.jsonl"
     while not (sft.exists() and sft.read_text()):
