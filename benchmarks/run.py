@@ -71,7 +71,7 @@ async def timed(make: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
 
 async def bench_batching(backend: TransformersBackend, requests: int, max_new_tokens: int) -> None:
     prompts = [
-        backend.render([{"role": "user", "content": r.prompt}])
+        await backend.render([{"role": "user", "content": r.prompt}])
         for r in load_prompts(None)
         if r.category == "benign"
     ][:requests]
@@ -115,7 +115,7 @@ async def bench_judging(backend: TransformersBackend, pairs: int) -> None:
     responses = await asyncio.gather(
         *(
             backend.generate(
-                backend.render([{"role": "user", "content": r.prompt}]),
+                await backend.render([{"role": "user", "content": r.prompt}]),
                 SamplingParams(max_new_tokens=48, n=2, seed=i),
             )
             for i, r in enumerate(records)
@@ -128,15 +128,16 @@ async def bench_judging(backend: TransformersBackend, pairs: int) -> None:
     question = cons.comparison_principles[0].comparison or ""
     examples = cons.comparison_examples[: engine.config.few_shot_comparison]
 
-    def base_prompt(conv: Any, a: str, b: str) -> str:
-        return backend.render(prompting.comparison_messages(cons, examples, conv, question, a, b, cot=False))
+    async def base_prompt(conv: Any, a: str, b: str) -> str:
+        turns = prompting.comparison_messages(cons, examples, conv, question, a, b, cot=False)
+        return await backend.render(turns)
 
     # Each judge returns (label, or None when its output cannot be parsed; tokens it generated).
     Result = tuple[float | None, int]
 
     async def logprob_judge() -> list[Result]:
         async def one(conv: Any, a: str, b: str) -> Result:
-            prompt = base_prompt(conv, a, b) + prompting.ANSWER_PREFIX
+            prompt = (await base_prompt(conv, a, b)) + prompting.ANSWER_PREFIX
             la, lb = await backend.score_options(prompt, ["A", "B"])
             return labels.option_probability(la, lb), 0
 
@@ -145,7 +146,7 @@ async def bench_judging(backend: TransformersBackend, pairs: int) -> None:
     async def one_token_judge() -> list[Result]:
         async def one(conv: Any, a: str, b: str) -> Result:
             params = SamplingParams(max_new_tokens=1, temperature=0)
-            [c] = await backend.generate(base_prompt(conv, a, b) + prompting.ANSWER_PREFIX, params)
+            [c] = await backend.generate((await base_prompt(conv, a, b)) + prompting.ANSWER_PREFIX, params)
             answer = c.text.strip()[:1]
             return (1.0 if answer == "A" else 0.0 if answer == "B" else None), c.tokens
 
@@ -154,7 +155,7 @@ async def bench_judging(backend: TransformersBackend, pairs: int) -> None:
     async def rationale_judge() -> list[Result]:
         async def one(conv: Any, a: str, b: str) -> Result:
             # One generation: its reasoning, then "The answer is: (X)" in the few-shot's format.
-            prompt = base_prompt(conv, a, b) + prompting.COT_PREFIX
+            prompt = (await base_prompt(conv, a, b)) + prompting.COT_PREFIX
             [c] = await backend.generate(prompt, SamplingParams(max_new_tokens=64, temperature=0))
             found = _ANSWER.search(c.text)
             return (None if not found else 1.0 if found.group(1) == "A" else 0.0), c.tokens

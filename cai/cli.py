@@ -347,3 +347,13 @@ def _print_summary(info: dict[str, Any], pairs: str, out: Path) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _add_service_commands() -> None:
+    from services.cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_add_service_commands()

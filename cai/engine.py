@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 from cai import labels, prompting
@@ -81,19 +82,65 @@ class CAIEngine:
             raise InvalidArgument(f"principles: {', '.join(missing)} have no {kind} request")
         return chosen
 
-    async def critique_revise(
+    def _draw_critique_principle(self, principle_id: str | None, rng: random.Random) -> Principle:
+        if principle_id:
+            return self._named([principle_id], "critique")[0]
+        return self.constitution.sample(rng, 1, "critique")[0]
+
+    @staticmethod
+    def _check_critiquable(conversation: Conversation) -> None:
+        if not conversation or conversation[-1]["role"] != "assistant":
+            raise InvalidArgument("conversation: must end with the assistant response to critique")
+
+    def _critique_turns(self, conversation: Conversation, principle: Principle) -> Conversation:
+        examples = self.constitution.critique_examples[: self.config.few_shot_critique]
+        request = principle.critique or ""
+        return prompting.critique_messages(self.constitution, examples, conversation, request)
+
+    async def critique(
+        self,
+        conversation: Conversation,
+        principle_id: str | None = None,
+        seed: int | None = None,
+        params: SamplingParams | None = None,
+    ) -> tuple[str, str]:
+        """(principle id, critique) of the conversation's last (assistant) message under one principle,
+        drawn by weight unless named."""
+        self._check_critiquable(conversation)
+        principle = self._draw_critique_principle(principle_id, random.Random(seed))
+        turns = self._critique_turns(conversation, principle)
+        return principle.id, await self._generate(turns, params or self.config.critique_params, seed)
+
+    async def revise(
+        self,
+        conversation: Conversation,
+        principle_id: str,
+        critique: str,
+        seed: int | None = None,
+        params: SamplingParams | None = None,
+    ) -> str:
+        """The last (assistant) message rewritten to answer `critique` under the principle."""
+        self._check_critiquable(conversation)
+        if not critique.strip():
+            raise InvalidArgument("critique: must not be empty")
+        principle = self._named([principle_id], "critique")[0]
+        turns = prompting.revision_messages(
+            self._critique_turns(conversation, principle), critique, principle.revision or ""
+        )
+        revision = await self._generate(turns, params or self.config.revision_params, seed)
+        return revision or conversation[-1]["content"]
+
+    async def critique_revise_steps(
         self,
         conversation: Conversation,
         rounds: int = 1,
         principles: list[str] | None = None,
         seed: int | None = None,
-    ) -> CritiqueChain:
-        """Critique and revise the conversation's last (assistant) message `rounds` times.
-
-        Each round draws one principle (weighted, seeded) unless `principles` names one per round.
-        """
-        if not conversation or conversation[-1]["role"] != "assistant":
-            raise InvalidArgument("conversation: must end with the assistant response to critique")
+    ) -> AsyncIterator[CritiqueStep]:
+        """Critique and revise the conversation's last (assistant) message `rounds` times, yielding
+        each round as it completes. Each round draws one principle (weighted, seeded) unless
+        `principles` names one per round."""
+        self._check_critiquable(conversation)
         if rounds < 1:
             raise InvalidArgument(f"rounds: must be >= 1, got {rounds}")
         if principles and len(principles) != rounds:
@@ -104,28 +151,33 @@ class CAIEngine:
             if principles
             else [self.constitution.sample(rng, 1, "critique")[0] for _ in range(rounds)]
         )
-        examples = self.constitution.critique_examples[: self.config.few_shot_critique]
-        history, response = conversation[:-1], conversation[-1]["content"]
-        steps = []
+        history = conversation[:-1]
+        response = conversation[-1]["content"]
         for i, principle in enumerate(chosen):
-            turns = prompting.critique_messages(
-                self.constitution,
-                examples,
-                [*history, {"role": "assistant", "content": response}],
-                principle.critique or "",
-            )
+            current = [*history, {"role": "assistant", "content": response}]
             step_seed = None if seed is None else seed * 1000 + 2 * i
+            turns = self._critique_turns(current, principle)
             critique = await self._generate(turns, self.config.critique_params, step_seed)
             turns = prompting.revision_messages(turns, critique, principle.revision or "")
             revision = await self._generate(
                 turns, self.config.revision_params, None if step_seed is None else step_seed + 1
             )
-            steps.append(CritiqueStep(principle.id, critique, revision or response))
             response = revision or response
+            yield CritiqueStep(principle.id, critique, response)
+
+    async def critique_revise(
+        self,
+        conversation: Conversation,
+        rounds: int = 1,
+        principles: list[str] | None = None,
+        seed: int | None = None,
+    ) -> CritiqueChain:
+        """All rounds of `critique_revise_steps` as one chain."""
+        steps = [s async for s in self.critique_revise_steps(conversation, rounds, principles, seed)]
         return CritiqueChain(conversation[-1]["content"], steps)
 
     async def _generate(self, turns: Conversation, params: SamplingParams, seed: int | None) -> str:
-        prompt = self.backend.render(turns)
+        prompt = await self.backend.render(turns)
         params = replace(params, seed=seed, n=1)
         [completion] = await self.backend.generate(prompt, params)
         return prompting.clean_output(completion.text)
@@ -182,7 +234,7 @@ class CAIEngine:
         turns = prompting.comparison_messages(
             self.constitution, examples, conversation, question, first, second, cot
         )
-        prompt = self.backend.render(turns)
+        prompt = await self.backend.render(turns)
         reasoning = ""
         if cot:
             prompt += prompting.COT_PREFIX

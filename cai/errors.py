@@ -19,3 +19,11 @@ class ResourceExhausted(CAIError):
 
 class Unavailable(CAIError):
     """The backend is not ready or is shutting down."""
+
+
+class Unauthenticated(CAIError):
+    """No valid credentials were given."""
+
+
+class PermissionDenied(CAIError):
+    """The credentials are valid but do not allow this operation."""

@@ -119,7 +119,7 @@ async def _process(
     conversation = [{"role": "user", "content": record.prompt}]
     n = 2 if config.pairs == "samples" else 1
     params = replace(config.response_params, n=n, seed=seed)
-    completions = await engine.backend.generate(engine.backend.render(conversation), params)
+    completions = await engine.backend.generate(await engine.backend.render(conversation), params)
     responses = [c.text.strip() or "(empty response)" for c in completions]
     advance("responses")
     chain = await engine.critique_revise(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,20 +43,35 @@ class Completion:
     policy_version: str = ""
 
 
-def plain_chat(messages: Conversation, add_generation_prompt: bool = True) -> str:
+def plain_chat(messages: Conversation) -> str:
     """A chat rendering for base models without a chat template."""
     names = {"system": "System", "user": "User", "assistant": "Assistant"}
     text = "".join(f"{names[m['role']]}: {m['content'].strip()}\n\n" for m in messages)
-    return text + ("Assistant:" if add_generation_prompt else "")
+    return text + "Assistant:"
 
 
 class Backend(ABC):
     model_id: str
+    kind: str  # transformers, tgi, openai or policy
     policy_version: str = "base"
+    on_batch: Callable[[int], object] | None = None  # told the rows of each batch it runs (metrics)
+
+    @property
+    def queue_depth(self) -> int:
+        """Rows waiting or running in this process; 0 where the queue is on a server."""
+        return 0
 
     @abstractmethod
-    def render(self, messages: Conversation, add_generation_prompt: bool = True) -> str:
-        """Conversation -> prompt text, through the model's chat template when it has one."""
+    async def render(self, messages: Conversation) -> str:
+        """Conversation -> prompt text ending in the assistant's turn, through the model's chat template
+        when it has one.
+
+        Async because a remote backend may ask its server for the template.
+        """
+
+    @abstractmethod
+    async def count_tokens(self, text: str) -> int | None:
+        """Tokens in `text`, or None when the backend cannot tell (its server then enforces limits)."""
 
     @abstractmethod
     async def generate(self, prompt: str, params: SamplingParams) -> list[Completion]:
@@ -69,6 +84,9 @@ class Backend(ABC):
     @abstractmethod
     async def score_options(self, prompt: str, options: list[str]) -> list[float]:
         """Log-probability of each option as the continuation of `prompt`, without generating."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect or load before serving; a server calls it once before it reports SERVING."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""

@@ -16,6 +16,7 @@ import inspect
 import logging
 import secrets
 import sys
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -178,6 +179,8 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 class TransformersBackend(Backend):
+    kind = "transformers"
+
     def __init__(
         self,
         model: str,
@@ -212,7 +215,7 @@ class TransformersBackend(Backend):
         eos = self.model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None}
-        self.batch_sizes: list[int] = []  # rows of each generate batch, for tests and metrics
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # rows of recent generate batches
         # Every batch and every weight swap runs on this one thread, in order: a swap can never
         # overlap a batch, and torch keeps one intra-op thread pool instead of one per caller.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cai-model")
@@ -222,16 +225,21 @@ class TransformersBackend(Backend):
         self._pending_rows = 0
         self._closed = False
 
+    @property
+    def queue_depth(self) -> int:
+        return self._pending_rows
+
     # ---- prompts -------------------------------------------------------------------------
 
-    def render(self, messages: Conversation, add_generation_prompt: bool = True) -> str:
+    async def render(self, messages: Conversation) -> str:
         if self.tokenizer.chat_template:
             return str(
-                self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=add_generation_prompt, tokenize=False
-                )
+                self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             )
-        return plain_chat(messages, add_generation_prompt)
+        return plain_chat(messages)
+
+    async def count_tokens(self, text: str) -> int | None:
+        return len(self._encode(text))
 
     def _encode(self, text: str) -> list[int]:
         # Rendered prompts already contain the template's special tokens.
@@ -454,6 +462,8 @@ class TransformersBackend(Backend):
         version = self.policy_version
         self._decode(rows)
         self.batch_sizes.append(len(rows))
+        if self.on_batch is not None:
+            self.on_batch(len(rows))
         for job in jobs:
             done = [r for r in rows if r.job is job]
             if job.on_text is not None and done[0].text[job.streamed :]:

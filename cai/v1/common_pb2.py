@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61i/v1/common.proto\x12\x06\x63\x61i.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n\x07Message\x12\x1a\n\x04role\x18\x01 \x01(\x0e\x32\x0c.cai.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"1\n\x0c\x43onversation\x12!\n\x08messages\x18\x01 \x03(\x0b\x32\x0f.cai.v1.Message\"|\n\x14GenerationParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xea\x01\n\x0eSampleMetadata\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x17\n\x0f\x63onstitution_id\x18\x04 \x01(\t\x12\x19\n\x11\x63onstitution_hash\x18\x05 \x01(\t\x12\x15\n\rprinciple_ids\x18\x06 \x03(\t\x12\x11\n\tmodel_ids\x18\x07 \x03(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61i/v1/common.proto\x12\x06\x63\x61i.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n\x07Message\x12\x1a\n\x04role\x18\x01 \x01(\x0e\x32\x0c.cai.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"1\n\x0c\x43onversation\x12!\n\x08messages\x18\x01 \x03(\x0b\x32\x0f.cai.v1.Message\"\x91\x01\n\x14GenerationParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\xea\x01\n\x0eSampleMetadata\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x17\n\x0f\x63onstitution_id\x18\x04 \x01(\t\x12\x19\n\x11\x63onstitution_hash\x18\x05 \x01(\t\x12\x15\n\rprinciple_ids\x18\x06 \x03(\t\x12\x11\n\tmodel_ids\x18\x07 \x03(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cai.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=534
-  _globals['_ROLE']._serialized_end=614
-  _globals['_FINISHREASON']._serialized_start=616
-  _globals['_FINISHREASON']._serialized_end=740
+  _globals['_ROLE']._serialized_start=556
+  _globals['_ROLE']._serialized_end=636
+  _globals['_FINISHREASON']._serialized_start=638
+  _globals['_FINISHREASON']._serialized_end=762
   _globals['_MESSAGE']._serialized_start=64
   _globals['_MESSAGE']._serialized_end=118
   _globals['_CONVERSATION']._serialized_start=120
   _globals['_CONVERSATION']._serialized_end=169
-  _globals['_GENERATIONPARAMETERS']._serialized_start=171
-  _globals['_GENERATIONPARAMETERS']._serialized_end=295
-  _globals['_SAMPLEMETADATA']._serialized_start=298
-  _globals['_SAMPLEMETADATA']._serialized_end=532
+  _globals['_GENERATIONPARAMETERS']._serialized_start=172
+  _globals['_GENERATIONPARAMETERS']._serialized_end=317
+  _globals['_SAMPLEMETADATA']._serialized_start=320
+  _globals['_SAMPLEMETADATA']._serialized_end=554
 # @@protoc_insertion_point(module_scope)

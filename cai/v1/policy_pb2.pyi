@@ -108,3 +108,17 @@ class GetInfoResponse(_message.Message):
     backend: str
     limits: Limits
     def __init__(self, model_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., backend: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class RenderRequest(_message.Message):
+    __slots__ = ("input",)
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    input: PolicyInput
+    def __init__(self, input: _Optional[_Union[PolicyInput, _Mapping]] = ...) -> None: ...
+
+class RenderResponse(_message.Message):
+    __slots__ = ("text", "token_count")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_count: int
+    def __init__(self, text: _Optional[str] = ..., token_count: _Optional[int] = ...) -> None: ...

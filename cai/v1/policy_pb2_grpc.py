@@ -55,6 +55,11 @@ class PolicyServiceStub:
                 request_serializer=cai_dot_v1_dot_policy__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=cai_dot_v1_dot_policy__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.Render = channel.unary_unary(
+                '/cai.v1.PolicyService/Render',
+                request_serializer=cai_dot_v1_dot_policy__pb2.RenderRequest.SerializeToString,
+                response_deserializer=cai_dot_v1_dot_policy__pb2.RenderResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -89,6 +94,13 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Render(self, request, context):
+        """The prompt text the model would continue, and its length in tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=cai_dot_v1_dot_policy__pb2.GetInfoRequest.FromString,
                     response_serializer=cai_dot_v1_dot_policy__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'Render': grpc.unary_unary_rpc_method_handler(
+                    servicer.Render,
+                    request_deserializer=cai_dot_v1_dot_policy__pb2.RenderRequest.FromString,
+                    response_serializer=cai_dot_v1_dot_policy__pb2.RenderResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +239,33 @@ class PolicyService:
             '/cai.v1.PolicyService/GetInfo',
             cai_dot_v1_dot_policy__pb2.GetInfoRequest.SerializeToString,
             cai_dot_v1_dot_policy__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Render(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cai.v1.PolicyService/Render',
+            cai_dot_v1_dot_policy__pb2.RenderRequest.SerializeToString,
+            cai_dot_v1_dot_policy__pb2.RenderResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,7 +15,7 @@ CHAT = [{"role": "user", "content": "Name three fruits."}]
 
 
 async def test_generate_is_seeded_and_reports_tokens(backend):
-    prompt = backend.render(CHAT)
+    prompt = await backend.render(CHAT)
     params = SamplingParams(max_new_tokens=12, temperature=0.9, seed=11, n=2)
     first = await backend.generate(prompt, params)
     again = await backend.generate(prompt, params)
@@ -29,7 +29,7 @@ async def test_generate_is_seeded_and_reports_tokens(backend):
 
 
 async def test_concurrent_requests_share_batches_and_keep_their_own_parameters(backend):
-    prompt = backend.render(CHAT)
+    prompt = await backend.render(CHAT)
     before = len(backend.batch_sizes)
     short, long_ = await asyncio.gather(
         backend.generate(prompt, SamplingParams(max_new_tokens=3, temperature=0)),
@@ -44,7 +44,7 @@ async def test_concurrent_requests_share_batches_and_keep_their_own_parameters(b
 
 
 async def test_stop_strings_and_streaming(backend):
-    prompt = backend.render([{"role": "user", "content": "Count from 1 to 10, separated by commas."}])
+    prompt = await backend.render([{"role": "user", "content": "Count from 1 to 10, separated by commas."}])
     [full] = await backend.generate(prompt, SamplingParams(max_new_tokens=30, temperature=0))
     assert "4" in full.text
     cut = full.text.index("4")
@@ -62,7 +62,7 @@ async def test_stop_strings_and_streaming(backend):
     [[" apple, banana, cherry", " car", " A"], [" A", " B"]],  # one sequence per option / per prompt
 )
 async def test_score_options_equals_the_log_probs_of_a_plain_forward_pass(backend, options):
-    prompt = backend.render(CHAT) + "Here are three fruits:"
+    prompt = (await backend.render(CHAT)) + "Here are three fruits:"
     scores = await backend.score_options(prompt, options)
     model, tok = backend.model, backend.tokenizer
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -77,7 +77,7 @@ async def test_score_options_equals_the_log_probs_of_a_plain_forward_pass(backen
 
 async def test_full_queue_pushes_back(default_model):
     small = TransformersBackend(default_model, device="cpu", dtype="float32", max_queue=2)
-    prompt = small.render(CHAT)
+    prompt = await small.render(CHAT)
     results = await asyncio.gather(
         *(small.generate(prompt, SamplingParams(max_new_tokens=2)) for _ in range(4)),
         return_exceptions=True,
@@ -88,7 +88,7 @@ async def test_full_queue_pushes_back(default_model):
 
 
 async def test_cancelled_request_leaves_the_batch(backend):
-    prompt = backend.render(CHAT)
+    prompt = await backend.render(CHAT)
     task = asyncio.ensure_future(backend.generate(prompt, SamplingParams(max_new_tokens=200, temperature=0)))
     await asyncio.sleep(0.5)
     task.cancel()
@@ -101,7 +101,7 @@ async def test_cancelled_request_leaves_the_batch(backend):
 
 async def test_swap_changes_weights_between_batches(default_model):
     b = TransformersBackend(default_model, device="cpu", dtype="float32")
-    prompt = b.render(CHAT)
+    prompt = await b.render(CHAT)
     greedy = SamplingParams(max_new_tokens=8, temperature=0)
     [before] = await b.generate(prompt, greedy)
 
@@ -127,7 +127,7 @@ def test_bad_parameters_and_missing_model(tmp_path):
 
 async def test_requests_cancelled_while_queued_free_their_queue_places(default_model):
     b = TransformersBackend(default_model, device="cpu", dtype="float32", max_queue=2)
-    prompt = b.render(CHAT)
+    prompt = await b.render(CHAT)
     busy = asyncio.ensure_future(b.generate(prompt, SamplingParams(max_new_tokens=40)))
     await asyncio.sleep(0.3)  # the worker is now decoding `busy`
     waiting = [asyncio.ensure_future(b.generate(prompt, SamplingParams(max_new_tokens=2))) for _ in range(2)]
@@ -150,7 +150,7 @@ async def test_a_model_without_chat_template_gets_the_plain_transcript(default_m
             (base / item.name).symlink_to(item)
     b = TransformersBackend(str(base), device="cpu", dtype="float32")
     messages = [{"role": "user", "content": "Name a colour."}]
-    assert b.render(messages) == plain_chat(messages) == "User: Name a colour.\n\nAssistant:"
-    [completion] = await b.generate(b.render(messages), SamplingParams(max_new_tokens=4, temperature=0))
+    assert await b.render(messages) == plain_chat(messages) == "User: Name a colour.\n\nAssistant:"
+    [completion] = await b.generate(await b.render(messages), SamplingParams(max_new_tokens=4, temperature=0))
     assert completion.tokens >= 1
     await b.close()

@@ -52,7 +52,6 @@ def test_plain_chat_fallback_for_base_models():
         ]
     )
     assert text == "System: Be brief.\n\nUser: Hi\n\nAssistant:"
-    assert plain_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=False) == "User: Hi\n\n"
 
 
 def test_clean_output_drops_echoed_labels():

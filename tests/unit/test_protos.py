@@ -14,6 +14,7 @@ def test_services_and_streaming_shapes():
         "GenerateStream": (False, True),
         "ScoreOptions": (False, False),
         "GetInfo": (False, False),
+        "Render": (False, False),
     }
     assert rpcs(critique_pb2, "CritiqueService") == {
         "Critique": (False, False),

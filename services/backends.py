@@ -1,0 +1,126 @@
+"""`--backend KIND:TARGET` -> a Backend, and the backend that uses a running policy service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cai.backends.base import Backend, Completion, SamplingParams
+from cai.constitution import Conversation
+from cai.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services import convert
+from services.client import TLS, AsyncClient, parameters
+from services.settings import ServiceSettings
+
+KINDS = ("transformers", "tgi", "openai", "policy")
+
+
+def _status_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
+    """A policy service's status code -> the same domain error here, so it maps back to the same code."""
+    kinds = {
+        grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+        grpc.StatusCode.NOT_FOUND: NotFound,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    }
+    return kinds.get(exc.code(), Unavailable)(f"policy service {address}: {exc.details()}")
+
+
+class PolicyServiceBackend(Backend):
+    """Critique and judge through a running policy service: the model critiques its own outputs."""
+
+    kind = "policy"
+
+    def __init__(self, address: str, token: str | None = None, tls: TLS | None = None):
+        self.address = address
+        self.model_id = f"policy:{address}"
+        self.client = AsyncClient(address, token=token, tls=tls)
+
+    async def start(self) -> None:
+        try:
+            info = await self.client.info()
+        except grpc.aio.AioRpcError as exc:
+            raise _status_error(exc, self.address) from None
+        self.model_id = info.model_id
+        self.policy_version = info.policy_version
+
+    async def render(self, messages: Conversation) -> str:
+        try:
+            return (await self.client.render(messages)).text
+        except grpc.aio.AioRpcError as exc:
+            raise _status_error(exc, self.address) from None
+
+    async def count_tokens(self, text: str) -> int | None:
+        try:
+            return (await self.client.render(text, raw=True)).token_count or None
+        except grpc.aio.AioRpcError as exc:
+            raise _status_error(exc, self.address) from None
+
+    async def generate(self, prompt: str, params: SamplingParams) -> list[Completion]:
+        request = parameters(
+            params.max_new_tokens, params.temperature, params.top_p, params.stop, params.seed
+        )
+        try:
+            response = await self.client.generate(prompt, n=params.n, params=request, raw=True)
+        except grpc.aio.AioRpcError as exc:
+            raise _status_error(exc, self.address) from None
+        self.policy_version = response.policy_version
+        return [
+            Completion(
+                c.text,
+                c.token_count,
+                convert.FINISH_NAMES.get(c.finish_reason, "stop"),
+                response.policy_version,
+            )
+            for c in response.completions
+        ]
+
+    async def generate_stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
+        request = parameters(
+            params.max_new_tokens, params.temperature, params.top_p, params.stop, params.seed
+        )
+        try:
+            async for item in self.client.generate_stream(prompt, params=request, raw=True):
+                if item.text:
+                    yield item.text
+        except grpc.aio.AioRpcError as exc:
+            raise _status_error(exc, self.address) from None
+
+    async def score_options(self, prompt: str, options: list[str]) -> list[float]:
+        try:
+            return list((await self.client.score_options(prompt, options, raw=True)).logprobs)
+        except grpc.aio.AioRpcError as exc:
+            raise _status_error(exc, self.address) from None
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def make_backend(spec: str, settings: ServiceSettings) -> Backend:
+    kind, sep, target = spec.partition(":")
+    if not sep or kind not in KINDS or not target:
+        raise InvalidArgument(
+            f"backend: {spec!r} is not one of transformers:PATH, tgi:URL, openai:URL, policy:ADDRESS"
+        )
+    if kind == "transformers":
+        from cai.backends.transformers import TransformersBackend
+        from cai.models import resolve_model
+
+        return TransformersBackend(
+            resolve_model(target),
+            device=settings.device,
+            dtype=settings.dtype,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+        )
+    if kind == "tgi":
+        from cai.backends.tgi import TGIBackend
+
+        return TGIBackend(target, tokenizer=settings.tokenizer)
+    if kind == "openai":
+        from cai.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(target, tokenizer=settings.tokenizer)
+    token = settings.policy_token.get_secret_value() if settings.policy_token else None
+    tls = TLS(ca=settings.policy_tls_ca) if settings.policy_tls_ca else None
+    return PolicyServiceBackend(target, token=token, tls=tls)

@@ -1,0 +1,171 @@
+"""Builds and runs one service: grpc.aio server, health, reflection, metrics, TLS, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cai import constitution as constitutions
+from cai.backends.base import Backend
+from cai.engine import CAIEngine
+from cai.errors import InvalidArgument
+from cai.v1 import critique_pb2, critique_pb2_grpc, judge_pb2, judge_pb2_grpc, policy_pb2, policy_pb2_grpc
+from services.backends import make_backend
+from services.convert import Limits
+from services.critique import CritiqueServicer
+from services.interceptor import Auth, ServiceInterceptor
+from services.judge import JudgeServicer
+from services.observability import MeteredBackend, Metrics
+from services.policy import PolicyServicer
+from services.settings import ServiceName, ServiceSettings
+
+log = logging.getLogger("cai.server")
+
+SERVICE_NAMES = {
+    "policy": policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
+    "critique": critique_pb2.DESCRIPTOR.services_by_name["CritiqueService"].full_name,
+    "judge": judge_pb2.DESCRIPTOR.services_by_name["JudgeService"].full_name,
+}
+
+
+@dataclass
+class RunningService:
+    name: ServiceName
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    backend: Backend
+    port: int
+    metrics_port: int
+    grace_s: float
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, give in-flight calls the grace period, then close."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.grace_s if grace_s is None else grace_s)
+        await self.backend.close()
+
+
+def _read(path: object, what: str) -> bytes:
+    try:
+        return open(str(path), "rb").read()
+    except OSError as exc:
+        raise InvalidArgument(f"{what}: cannot read {path}: {exc.strerror}") from None
+
+
+def _credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None and settings.tls_key is None:
+        if settings.tls_client_ca is not None:
+            raise InvalidArgument("tls_client_ca: mTLS needs tls_cert and tls_key as well")
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise InvalidArgument("tls_cert, tls_key: give both to enable TLS")
+    pair = [(_read(settings.tls_key, "tls_key"), _read(settings.tls_cert, "tls_cert"))]
+    if settings.tls_client_ca is None:
+        return grpc.ssl_server_credentials(pair)
+    ca = _read(settings.tls_client_ca, "tls_client_ca")
+    return grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=True)
+
+
+def limits_of(settings: ServiceSettings) -> Limits:
+    return Limits(
+        settings.max_prompt_tokens,
+        settings.max_new_tokens,
+        settings.max_n,
+        settings.max_rounds,
+        settings.max_batch,
+    )
+
+
+async def start_service(
+    name: ServiceName, settings: ServiceSettings, backend: Backend | None = None
+) -> RunningService:
+    """Start one service; `backend` replaces the one `settings.backend` names (tests, shared models)."""
+    credentials = _credentials(settings)
+    if name == "policy" and settings.backend.startswith("policy:") and backend is None:
+        raise InvalidArgument("backend: the policy service cannot use another policy service as its backend")
+    metrics = Metrics(name)
+    backend = MeteredBackend(backend or make_backend(settings.backend, settings), metrics)
+    await backend.start()
+    limits = limits_of(settings)
+    server = grpc.aio.server(
+        interceptors=[
+            ServiceInterceptor(
+                metrics,
+                Auth(
+                    settings.token.get_secret_value() if settings.token else None,
+                    settings.read_token.get_secret_value() if settings.read_token else None,
+                ),
+            )
+        ],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+    )
+    if name == "policy":
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(backend, limits), server)
+    else:
+        engine = CAIEngine(backend, constitutions.load(settings.constitution))
+        if name == "critique":
+            critique_pb2_grpc.add_CritiqueServiceServicer_to_server(CritiqueServicer(engine, limits), server)
+        else:
+            judge_pb2_grpc.add_JudgeServiceServicer_to_server(JudgeServicer(engine, limits), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [
+            SERVICE_NAMES[name],
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = (
+            server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        )
+    except RuntimeError as exc:
+        raise InvalidArgument(f"port: cannot listen on {address}: {exc}") from None
+    await server.start()
+    metrics_port = metrics.serve(settings.host, settings.metrics_port)
+    for service in ("", SERVICE_NAMES[name]):  # "" is the whole server's status
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving",
+        extra={
+            "fields": {
+                "service": name,
+                "address": address.rsplit(":", 1)[0] + f":{port}",
+                "metrics_port": metrics_port,
+                "backend": backend.kind,
+                "model_id": backend.model_id,
+                "tls": credentials is not None,
+                "auth": bool(settings.token or settings.read_token),
+            }
+        },
+    )
+    return RunningService(name, server, health_servicer, backend, port, metrics_port, settings.grace_s)
+
+
+async def serve(name: ServiceName, settings: ServiceSettings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    service = await start_service(name, settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down", extra={"fields": {"service": name, "grace_s": settings.grace_s}})
+    await service.stop()
+    log.info("stopped", extra={"fields": {"service": name}})
