@@ -7,10 +7,12 @@ ARGS ?=
 TOOLS := $(CURDIR)/.tools
 BUF := $(TOOLS)/buf
 BUF_VERSION := v1.75.0
+GRPCURL_VERSION := v1.9.4
+GHZ_VERSION := v0.93.0
 PROTOS := $(wildcard protos/cai/v1/*.proto)
 PROTOC = $(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
 
-.PHONY: help install model up test lint format protos protos-check bench clean
+.PHONY: help install model up test lint format protos protos-check tools bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -37,6 +39,14 @@ lint: install protos-check  ## buf lint, stubs up to date, ruff lint and format 
 $(BUF):
 	GOBIN=$(TOOLS) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
 
+$(TOOLS)/grpcurl:
+	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+
+$(TOOLS)/ghz:
+	GOBIN=$(TOOLS) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
+
+tools: $(BUF) $(TOOLS)/grpcurl $(TOOLS)/ghz  ## install buf, grpcurl and ghz (Go) into .tools/
+
 protos: install  ## regenerate the Python stubs in cai/v1 from protos/
 	$(call PROTOC,.)
 
@@ -50,10 +60,15 @@ format: install  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint model  ## lint, then run every test (unit and integration on the real model)
+test: lint model tools  ## lint, then run every test (unit, services, integration on the real model)
 	$(BIN)/pytest
 
-bench: model  ## run the benchmarks; prints tables, writes benchmarks/results/*.json
+$(VENV)/.bench-installed: $(INSTALLED)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python -m pip install --quiet --no-deps "langchain-huggingface>=1.2.3,<2"
+	touch $@
+
+bench: model tools $(VENV)/.bench-installed  ## run the benchmarks; prints tables, writes benchmarks/results/*.json
 	$(BIN)/python -m benchmarks.run
 
 clean:  ## remove .venv and caches (the prepared model in $CAI_HOME stays)

@@ -61,12 +61,13 @@ def _options(retries: int, max_message_bytes: int) -> list[tuple[str, Any]]:
             }
         ]
     }
-    return [
-        ("grpc.service_config", json.dumps(service_config)),
-        ("grpc.enable_retries", 1),
+    sizes = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
+    if retries == 0:
+        return [*sizes, ("grpc.enable_retries", 0)]
+    return [*sizes, ("grpc.service_config", json.dumps(service_config)), ("grpc.enable_retries", 1)]
 
 
 def _messages(conversation: Conversation | str) -> common_pb2.Conversation:

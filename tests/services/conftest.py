@@ -20,6 +20,12 @@ def settings(name: str, **extra: Any) -> ServiceSettings:
 
 
 @pytest.fixture(scope="session")
+def make_settings():
+    """Settings on free loopback ports with small limits, so tests can cross them cheaply."""
+    return settings
+
+
+@pytest.fixture(scope="session")
 async def fake_stack():
     """The three services on FakeBackends; yields {name: RunningService}."""
     running = {
