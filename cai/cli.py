@@ -250,6 +250,11 @@ def constitution_import(
     show_default=True,
     help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32.",
 )
+@click.option(
+    "--services",
+    is_flag=True,
+    help="Start the policy, critique and judge gRPC services on loopback and run through them.",
+)
 def up(
     prompts: Path | None,
     constitution_path: str,
@@ -265,6 +270,7 @@ def up(
     max_new_tokens: int,
     device: str | None,
     dtype: str,
+    services: bool,
 ) -> None:
     """Run SL-CAI and RL-CAI data generation on one machine and write runs/<id>/."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -301,19 +307,31 @@ def up(
         pairs=pairs,  # type: ignore[arg-type]
         response_params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.95),
     )
-    engine = CAIEngine(backend, cons)
     console.print(
         f"constitution {cons.id} {cons.version} (sha256 {cons.hash[:12]}), model {backend.model_id}, "
-        f"{backend.device} {str(backend.dtype).removeprefix('torch.')}, {len(records)} prompts",
+        f"{backend.device} {str(backend.dtype).removeprefix('torch.')}, {len(records)} prompts"
+        + (", through the gRPC services on loopback" if services else ""),
         highlight=False,
     )
     columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+
+    async def run(progress: Progress) -> dict[str, Any]:
         tasks = {
             stage: progress.add_task(stage, total=len(records))
             for stage in ("responses", "critiques", "judgments")
         }
-        info = asyncio.run(pipeline.run(engine, config, records, lambda s: progress.advance(tasks[s])))
+        advance = lambda stage: progress.advance(tasks[stage])  # noqa: E731
+        if not services:
+            return await pipeline.run(
+                pipeline.LocalStages(CAIEngine(backend, cons)), config, records, advance
+            )
+        from services.stages import loopback_stages
+
+        async with loopback_stages(backend, cons) as stages:
+            return await pipeline.run(stages, config, records, advance)
+
+    with Progress(*columns, console=console) as progress:
+        info = asyncio.run(run(progress))
     _print_summary(info, pairs, config.out)
 
 

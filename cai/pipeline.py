@@ -21,11 +21,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from cai import __version__
-from cai.backends.base import SamplingParams
-from cai.engine import CAIEngine, ComparisonResult, CritiqueChain
+from cai.backends.base import Completion, SamplingParams
+from cai.constitution import Constitution, Conversation
+from cai.engine import CAIEngine, ComparisonResult, CritiqueChain, EngineConfig
 from cai.errors import InvalidArgument, NotFound
 from cai.paths import builtin_prompts_file
 
@@ -112,36 +113,79 @@ class PromptResult:
     policy_version: str
 
 
+class Stages(Protocol):
+    """The three stages a run drives: in this process (`LocalStages`) or through the gRPC services."""
+
+    constitution: Constitution
+    model_id: str
+    engine_config: EngineConfig
+
+    async def respond(self, conversation: Conversation, params: SamplingParams) -> list[Completion]: ...
+
+    async def critique_revise(self, conversation: Conversation, rounds: int, seed: int) -> CritiqueChain: ...
+
+    async def compare(
+        self,
+        conversation: Conversation,
+        a: str,
+        b: str,
+        k_principles: int,
+        debias: bool,
+        cot: bool,
+        seed: int,
+    ) -> ComparisonResult: ...
+
+
+class LocalStages:
+    def __init__(self, engine: CAIEngine):
+        self.engine = engine
+        self.constitution = engine.constitution
+        self.model_id = engine.backend.model_id
+        self.engine_config = engine.config
+
+    async def respond(self, conversation: Conversation, params: SamplingParams) -> list[Completion]:
+        return await self.engine.backend.generate(await self.engine.backend.render(conversation), params)
+
+    async def critique_revise(self, conversation: Conversation, rounds: int, seed: int) -> CritiqueChain:
+        return await self.engine.critique_revise(conversation, rounds, seed=seed)
+
+    async def compare(
+        self,
+        conversation: Conversation,
+        a: str,
+        b: str,
+        k_principles: int,
+        debias: bool,
+        cot: bool,
+        seed: int,
+    ) -> ComparisonResult:
+        return await self.engine.compare(
+            conversation, a, b, k_principles=k_principles, debias=debias, cot=cot, seed=seed
+        )
+
+
 async def _process(
-    engine: CAIEngine, config: RunConfig, record: PromptRecord, advance: Callable[[Stage], None]
+    stages: Stages, config: RunConfig, record: PromptRecord, advance: Callable[[Stage], None]
 ) -> PromptResult:
     seed = prompt_seed(config.seed, record.id)
-    conversation = [{"role": "user", "content": record.prompt}]
+    conversation: Conversation = [{"role": "user", "content": record.prompt}]
     n = 2 if config.pairs == "samples" else 1
-    params = replace(config.response_params, n=n, seed=seed)
-    completions = await engine.backend.generate(await engine.backend.render(conversation), params)
+    completions = await stages.respond(conversation, replace(config.response_params, n=n, seed=seed))
     responses = [c.text.strip() or "(empty response)" for c in completions]
     advance("responses")
-    chain = await engine.critique_revise(
-        [*conversation, {"role": "assistant", "content": responses[0]}], config.rounds, seed=seed
+    chain = await stages.critique_revise(
+        [*conversation, {"role": "assistant", "content": responses[0]}], config.rounds, seed
     )
     advance("critiques")
     # revision pairs: is the revision better than the answer it revised? samples: RL-CAI proper.
     pair = (chain.final, chain.initial) if config.pairs == "revision" else (responses[0], responses[1])
-    result = await engine.compare(
-        conversation,
-        *pair,
-        k_principles=config.k_principles,
-        debias=config.debias,
-        cot=config.cot,
-        seed=seed,
-    )
+    result = await stages.compare(conversation, *pair, config.k_principles, config.debias, config.cot, seed)
     advance("judgments")
     return PromptResult(record, seed, responses, chain, pair, result, completions[0].policy_version)
 
 
-def _records(result: PromptResult, engine: CAIEngine, run_id: str) -> dict[str, dict[str, Any]]:
-    c = engine.constitution
+def _records(result: PromptResult, stages: Stages, run_id: str) -> dict[str, dict[str, Any]]:
+    c = stages.constitution
     rec = result.record
     meta = {
         "prompt_id": rec.id,
@@ -149,7 +193,7 @@ def _records(result: PromptResult, engine: CAIEngine, run_id: str) -> dict[str, 
         "constitution_id": c.id,
         "constitution_version": c.version,
         "constitution_hash": c.hash,
-        "model_id": engine.backend.model_id,
+        "model_id": stages.model_id,
         "policy_version": result.policy_version,
         "seed": result.seed,
         "run_id": run_id,
@@ -160,7 +204,7 @@ def _records(result: PromptResult, engine: CAIEngine, run_id: str) -> dict[str, 
 
     def sample_id(kind: str) -> str:
         # Deterministic: the same prompt, seed, constitution and model give the same id.
-        return _digest(kind, result.seed, rec.id, c.hash, engine.backend.model_id)[:24]
+        return _digest(kind, result.seed, rec.id, c.hash, stages.model_id)[:24]
 
     a_wins = result.judgment.p_a >= 0.5
     chosen, rejected = result.pair if a_wins else result.pair[::-1]
@@ -246,7 +290,7 @@ def summarize(results: list[PromptResult]) -> list[dict[str, Any]]:
 
 
 async def run(
-    engine: CAIEngine,
+    stages: Stages,
     config: RunConfig,
     prompts: list[PromptRecord],
     advance: Callable[[Stage], None] = lambda stage: None,
@@ -261,8 +305,8 @@ async def run(
 
     async def bounded(index: int, record: PromptRecord) -> PromptResult:
         async with gate:
-            result = await _process(engine, config, record, advance)
-        writer.add(index, _records(result, engine, run_id))
+            result = await _process(stages, config, record, advance)
+        writer.add(index, _records(result, stages, run_id))
         return result
 
     try:
@@ -272,17 +316,17 @@ async def run(
     import torch
     import transformers
 
-    c = engine.constitution
+    c = stages.constitution
     run_info = {
         "run_id": run_id,
         "created_at": datetime.fromtimestamp(started, UTC).isoformat(),
         "duration_s": round(time.time() - started, 2),
-        "model_id": engine.backend.model_id,
+        "model_id": stages.model_id,
         "constitution": {"id": c.id, "version": c.version, "hash": c.hash, "source": c.source},
         "config": {
             **{k: v for k, v in asdict(config).items() if k not in ("out", "prompts")},
             "prompts": str(config.prompts or builtin_prompts_file()),
-            "engine": asdict(engine.config),
+            "engine": asdict(stages.engine_config),
         },
         "counts": {
             "prompts": len(prompts),

@@ -10,7 +10,7 @@ from cai.backends.base import Backend, Completion, SamplingParams
 from cai.constitution import Conversation
 from cai.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services import convert
-from services.client import TLS, AsyncClient, parameters
+from services.client import TLS, AsyncClient
 from services.settings import ServiceSettings
 
 KINDS = ("transformers", "tgi", "openai", "policy")
@@ -57,9 +57,7 @@ class PolicyServiceBackend(Backend):
             raise _status_error(exc, self.address) from None
 
     async def generate(self, prompt: str, params: SamplingParams) -> list[Completion]:
-        request = parameters(
-            params.max_new_tokens, params.temperature, params.top_p, params.stop, params.seed
-        )
+        request = convert.parameters_proto(params)
         try:
             response = await self.client.generate(prompt, n=params.n, params=request, raw=True)
         except grpc.aio.AioRpcError as exc:
@@ -76,9 +74,7 @@ class PolicyServiceBackend(Backend):
         ]
 
     async def generate_stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
-        request = parameters(
-            params.max_new_tokens, params.temperature, params.top_p, params.stop, params.seed
-        )
+        request = convert.parameters_proto(params)
         try:
             async for item in self.client.generate_stream(prompt, params=request, raw=True):
                 if item.text:

@@ -93,6 +93,16 @@ def sampling(
     )
 
 
+def parameters_proto(params: SamplingParams) -> common_pb2.GenerationParameters:
+    return common_pb2.GenerationParameters(
+        max_new_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        stop=list(params.stop),
+        seed=params.seed,
+    )
+
+
 async def check_prompt_length(backend: Backend, text: str, limits: Limits, field: str) -> None:
     tokens = await backend.count_tokens(text)
     if tokens is not None and tokens > limits.max_prompt_tokens:

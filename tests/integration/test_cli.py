@@ -118,6 +118,29 @@ def test_up_writes_a_valid_run(tmp_path, default_model):
     assert run["constitution"]["hash"] == c.hash
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_up_through_the_services_gives_the_same_records(tmp_path, default_model):
+    runs = {}
+    for name, extra in (("embedded", []), ("services", ["--services"])):
+        out = tmp_path / name
+        result = cai("up", "--limit", "1", "--seed", "5", "--dtype", "float32", "--out", str(out), *extra)
+        assert result.returncode == 0, result.stderr
+        runs[name] = {
+            kind: [json.loads(x) for x in (out / f"{kind}.jsonl").read_text().splitlines()]
+            for kind in ("sft", "revisions", "preferences")
+        }
+    embedded, served = runs["embedded"], runs["services"]
+    volatile = {"created_at", "run_id", "p_chosen", "judgment"}  # labels: equal up to float rounding
+    for kind in ("sft", "revisions", "preferences"):
+        [a], [b] = embedded[kind], served[kind]
+        assert {k: v for k, v in a.items() if k not in volatile} == {
+            k: v for k, v in b.items() if k not in volatile
+        }
+    [a], [b] = embedded["preferences"], served["preferences"]
+    assert a["p_chosen"] == pytest.approx(b["p_chosen"], abs=1e-4)
+
+
 def test_import_errors_keep_their_text(tmp_path, data_dir):
     # an hf-cai file given as anthropic-2022: the message quotes the expected shape, brackets included
     result = cai(

@@ -43,8 +43,8 @@ async def test_samples_mode_is_rl_cai_and_the_same_seed_repeats_the_run(engine, 
             response_params=SHORT,
         )
 
-    first = await pipeline.run(engine, config(tmp_path / "a"), records)
-    await pipeline.run(engine, config(tmp_path / "b"), records)
+    first = await pipeline.run(pipeline.LocalStages(engine), config(tmp_path / "a"), records)
+    await pipeline.run(pipeline.LocalStages(engine), config(tmp_path / "b"), records)
     assert first["counts"]["preferences"] == 1
     [pref] = read(tmp_path / "a" / "preferences.jsonl")
     [chain] = read(tmp_path / "a" / "revisions.jsonl")
@@ -71,7 +71,7 @@ async def test_an_interrupted_run_keeps_the_prompts_it_finished(engine, tmp_path
     config = pipeline.RunConfig(
         out=tmp_path / "run", prompts=prompts, seed=1, concurrency=1, response_params=SHORT
     )
-    run = asyncio.ensure_future(pipeline.run(engine, config, records))
+    run = asyncio.ensure_future(pipeline.run(pipeline.LocalStages(engine), config, records))
     sft = tmp_path / "run" / "sft.jsonl"
     while not (sft.exists() and sft.read_text()):
         await asyncio.sleep(0.2)

@@ -1,0 +1,93 @@
+"""`cai up --services`: the run's three stages through the gRPC services on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from cai.backends.base import Backend, Completion, SamplingParams
+from cai.constitution import Constitution, Conversation
+from cai.engine import ComparisonResult, CritiqueChain, CritiqueStep, EngineConfig, PrincipleLabel
+from services import convert
+from services.backends import PolicyServiceBackend
+from services.client import AsyncClient, judge_options
+from services.server import RunningService, start_service
+from services.settings import load_settings
+
+
+class ServiceStages:
+    """Drives a run through running policy, critique and judge services."""
+
+    def __init__(
+        self, policy: AsyncClient, critique: AsyncClient, judge: AsyncClient, constitution: Constitution
+    ):
+        self.policy, self.critic, self.judge = policy, critique, judge
+        self.constitution = constitution
+        self.model_id = ""
+        self.engine_config = EngineConfig()  # what the critique and judge services run with
+
+    async def respond(self, conversation: Conversation, params: SamplingParams) -> list[Completion]:
+        request = convert.parameters_proto(params)
+        reply = await self.policy.generate(conversation, n=params.n, params=request)
+        self.model_id = reply.model_id
+        return [
+            Completion(c.text, c.token_count, convert.FINISH_NAMES[c.finish_reason], reply.policy_version)
+            for c in reply.completions
+        ]
+
+    async def critique_revise(self, conversation: Conversation, rounds: int, seed: int) -> CritiqueChain:
+        steps = [
+            CritiqueStep(s.principle_id, s.critique, s.revision)
+            async for s in self.critic.critique_revise(conversation, rounds, seed=seed)
+        ]
+        return CritiqueChain(conversation[-1]["content"], steps)
+
+    async def compare(
+        self,
+        conversation: Conversation,
+        a: str,
+        b: str,
+        k_principles: int,
+        debias: bool,
+        cot: bool,
+        seed: int,
+    ) -> ComparisonResult:
+        reply = await self.judge.compare(
+            conversation, a, b, judge_options(k_principles, debias=debias, chain_of_thought=cot, seed=seed)
+        )
+        labels = [
+            PrincipleLabel(
+                label.principle_id,
+                label.p_a,
+                label.p_first_ab,
+                label.p_first_ba if label.HasField("p_first_ba") else None,
+                list(label.reasoning),
+            )
+            for label in reply.labels
+        ]
+        return ComparisonResult(reply.p_a, labels)
+
+
+@contextlib.asynccontextmanager
+async def loopback_stages(backend: Backend, constitution: Constitution) -> AsyncIterator[ServiceStages]:
+    """Start the three services on free loopback ports and drive them through gRPC clients. The
+    policy serves `backend`; the critique and judge services use the policy service, so one model
+    (and one batching queue) does everything, as in the paper's self-critique."""
+    roomy = {"port": 0, "metrics_port": 0, "max_prompt_tokens": 8192, "max_new_tokens": 1024, "max_n": 16}
+    running: list[RunningService] = []
+    clients: list[AsyncClient] = []
+    try:
+        policy = await start_service("policy", load_settings("policy", None, **roomy), backend)
+        running.append(policy)
+        for name in ("critique", "judge"):
+            settings = load_settings(name, None, constitution=constitution.source, **roomy)
+            running.append(await start_service(name, settings, PolicyServiceBackend(policy.address)))
+        clients = [AsyncClient(service.address, timeout=600) for service in running]
+        stages = ServiceStages(clients[0], clients[1], clients[2], constitution)
+        stages.model_id = (await clients[0].info()).model_id
+        yield stages
+    finally:
+        for client in clients:
+            await client.close()
+        for service in reversed(running):
+            await service.stop(0)
