@@ -363,10 +363,6 @@ def _print_summary(info: dict[str, Any], pairs: str, out: Path) -> None:
     )
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _add_service_commands() -> None:
     from services.cli import COMMANDS
 
@@ -375,3 +371,6 @@ def _add_service_commands() -> None:
 
 
 _add_service_commands()
+
+if __name__ == "__main__":
+    main()
