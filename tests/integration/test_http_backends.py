@@ -683,3 +683,31 @@ async def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
             return False
         await asyncio.sleep(0.02)
     return True
+
+
+async def test_services_run_on_the_remote_backends(tgi_server, openai_server, monkeypatch):
+    """`--backend tgi:URL` and `openai:URL` wired through the settings into running services."""
+    monkeypatch.setitem(globals(), "MAX_TOTAL", 4096)  # room for the critique and judge prompts
+    from services.client import AsyncClient
+    from services.server import start_service
+    from services.settings import load_settings
+
+    chat = [{"role": "user", "content": "Name a colour."}]
+    answered = [*chat, {"role": "assistant", "content": "Blue is a colour."}]
+    for spec in (f"tgi:{tgi_server.url}", f"openai:{openai_server.url}"):
+        started = []
+        try:
+            for name in ("policy", "critique", "judge"):
+                settings = load_settings(name, None, port=0, metrics_port=0, backend=spec)  # type: ignore[arg-type]
+                started.append(await start_service(name, settings))
+            policy, critic, judge = (AsyncClient(s.address, timeout=30, retries=0) for s in started)
+            info = await policy.info()
+            assert info.backend == spec.split(":")[0] and info.model_id
+            assert (await policy.generate(chat, n=2)).completions[1].text
+            assert (await critic.critique(answered, principle_id="be-honest")).critique
+            assert 0 < (await judge.compare(chat, "Blue.", "Seven.")).p_a < 1
+            for client in (policy, critic, judge):
+                await client.close()
+        finally:
+            for service in started:
+                await service.stop(0)
