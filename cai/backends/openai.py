@@ -16,7 +16,7 @@ from typing import Any
 import httpx2
 
 from cai.backends.base import Backend, Completion, FinishReason, SamplingParams, plain_chat
-from cai.backends.tgi import (
+from cai.backends.remote import (
     LocalTokenizer,
     common_prefix,
     response_message,
