@@ -16,7 +16,6 @@ import inspect
 import logging
 import secrets
 import sys
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -215,7 +214,6 @@ class TransformersBackend(Backend):
         eos = self.model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None}
-        self.batch_sizes: deque[int] = deque(maxlen=1000)  # rows of recent generate batches
         # Every batch and every weight swap runs on this one thread, in order: a swap can never
         # overlap a batch, and torch keeps one intra-op thread pool instead of one per caller.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cai-model")
@@ -461,7 +459,6 @@ class TransformersBackend(Backend):
                 rows.append(_Row(job.prompt_ids, job.params, gen, job))
         version = self.policy_version
         self._decode(rows)
-        self.batch_sizes.append(len(rows))
         if self.on_batch is not None:
             self.on_batch(len(rows))
         for job in jobs:

@@ -30,14 +30,18 @@ async def test_generate_is_seeded_and_reports_tokens(backend):
 
 async def test_concurrent_requests_share_batches_and_keep_their_own_parameters(backend):
     prompt = await backend.render(CHAT)
-    before = len(backend.batch_sizes)
-    short, long_ = await asyncio.gather(
-        backend.generate(prompt, SamplingParams(max_new_tokens=3, temperature=0)),
-        backend.generate(prompt, SamplingParams(max_new_tokens=20, temperature=0)),
-    )
+    sizes: list[int] = []
+    backend.on_batch = sizes.append
+    try:
+        short, long_ = await asyncio.gather(
+            backend.generate(prompt, SamplingParams(max_new_tokens=3, temperature=0)),
+            backend.generate(prompt, SamplingParams(max_new_tokens=20, temperature=0)),
+        )
+    finally:
+        backend.on_batch = None
     assert short[0].tokens == 3 and short[0].finish_reason == "length"
     assert long_[0].tokens > 3
-    assert max(backend.batch_sizes[before:]) == 2  # one batch held both requests
+    assert max(sizes) == 2  # one batch held both requests
     # the batched greedy answer equals the same request run alone
     [alone] = await backend.generate(prompt, SamplingParams(max_new_tokens=20, temperature=0))
     assert alone.text == long_[0].text

@@ -16,7 +16,8 @@ LIMITS = {"max_prompt_tokens": 200, "max_new_tokens": 64, "max_n": 4, "max_round
 
 
 def settings(name: str, **extra: Any) -> ServiceSettings:
-    return load_settings(name, None, port=0, metrics_port=0, grace_s=5, **{**LIMITS, **extra})  # type: ignore[arg-type]
+    values = {"port": 0, "metrics_port": 0, "grace_s": 5, **LIMITS, **extra}
+    return load_settings(name, None, **values)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ message naming the field), queue limits, deadlines, health and metrics."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import urllib.request
 
 import grpc
@@ -12,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cai.backends.fake import FakeBackend
 from cai.v1 import common_pb2, critique_pb2, policy_pb2
-from services.client import AsyncClient, judge_options, parameters
+from services.client import AsyncClient, Client, judge_options, parameters
 from services.server import start_service
 
 CHAT = [{"role": "user", "content": "How do I boil an egg?"}]
@@ -244,3 +245,31 @@ async def test_messages_above_the_size_limit_are_refused(make_settings):
             assert (await client.critique(ANSWERED)).critique
     finally:
         await service.stop(0)
+
+
+async def test_clients_retry_unavailable_until_the_server_is_up(make_settings):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with AsyncClient(f"127.0.0.1:{port}", timeout=20, retries=4) as client:
+        call = asyncio.ensure_future(client.generate(CHAT))
+        await asyncio.sleep(0.5)  # the first attempt has failed with UNAVAILABLE by now
+        assert not call.done()
+        service = await start_service("policy", make_settings("policy", port=port), FakeBackend())
+        try:
+            assert (await call).completions
+        finally:
+            await service.stop(0)
+    async with AsyncClient(f"127.0.0.1:{port}", timeout=20, retries=0) as client:
+        await expect(lambda: client.generate(CHAT), grpc.StatusCode.UNAVAILABLE)
+
+
+async def test_blocking_client_has_the_same_methods(fake_stack):
+    def use() -> tuple[int, list[int], float]:
+        with Client(fake_stack["policy"].address) as policy, Client(fake_stack["judge"].address) as judge:
+            n = len(policy.generate(CHAT, n=2).completions)
+            pieces = [p.token_count for p in policy.generate_stream(CHAT, parameters(max_new_tokens=6))]
+            return n, pieces, judge.compare(CHAT, "a", "b").p_a
+
+    n, pieces, p_a = await asyncio.to_thread(use)
+    assert n == 2 and pieces[-1] <= 6 and len(pieces) >= 2 and 0 < p_a < 1
