@@ -15,14 +15,14 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
-from services.settings import SERVICES, SETTINGS, ServiceName
+from services.settings import SERVICES, ServiceName, ServiceSettings
 
 console = Console()
 
 
 def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """One --flag per service setting, generated from the settings model so the two cannot drift."""
-    fields = SETTINGS["policy"].model_fields
+    fields = ServiceSettings.model_fields
     for name in reversed(list(fields)):
         field = fields[name]
         kind: Any = {int: int, float: float}.get(cast(Any, field.annotation), str)
