@@ -12,7 +12,7 @@ GHZ_VERSION := v0.93.0
 PROTOS := $(wildcard protos/cai/v1/*.proto)
 PROTOC = $(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
 
-.PHONY: help install model up test lint format protos protos-check tools bench clean
+.PHONY: help install model up test lint format protos protos-check tools kafka bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ $(TOOLS)/ghz:
 
 tools: $(BUF) $(TOOLS)/grpcurl $(TOOLS)/ghz  ## install buf, grpcurl and ghz (Go) into .tools/
 
+kafka: install  ## fetch Apache Kafka's jars with Maven into $CAI_HOME/kafka (needs mvn; the broker needs Java 17)
+	$(BIN)/cai kafka fetch
+
 protos: install  ## regenerate the Python stubs in cai/v1 from protos/
 	$(call PROTOC,.)
 
@@ -60,7 +63,7 @@ format: install  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint model tools  ## lint, then run every test (unit, services, integration on the real model)
+test: lint model tools kafka  ## lint, then run every test (unit, services, integration on the real model)
 	$(BIN)/pytest
 
 $(VENV)/.bench-installed: $(INSTALLED)

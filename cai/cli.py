@@ -370,7 +370,15 @@ def _add_service_commands() -> None:
         main.add_command(command)
 
 
+def _add_kafka_commands() -> None:
+    from cai.kafka.cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
 _add_service_commands()
+_add_kafka_commands()
 
 if __name__ == "__main__":
     main()
