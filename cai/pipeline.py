@@ -18,7 +18,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -31,6 +31,7 @@ from cai.errors import InvalidArgument, NotFound
 from cai.paths import builtin_prompts_file
 
 PairSource = Literal["revision", "samples"]
+RESPONSE_PARAMS = SamplingParams(max_new_tokens=96, temperature=0.7, top_p=0.95)  # the policy's answers
 Stage = Literal["responses", "critiques", "judgments"]
 
 
@@ -52,9 +53,7 @@ class RunConfig:
     debias: bool = True
     cot: bool = False
     pairs: PairSource = "revision"
-    response_params: SamplingParams = field(
-        default_factory=lambda: SamplingParams(max_new_tokens=96, temperature=0.7, top_p=0.95)
-    )
+    response_params: SamplingParams = RESPONSE_PARAMS
     concurrency: int = 32
 
 

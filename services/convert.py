@@ -9,6 +9,7 @@ from cai.backends.base import Backend, Completion, FinishReason, SamplingParams
 from cai.constitution import Conversation
 from cai.errors import InvalidArgument
 from cai.v1 import common_pb2, policy_pb2
+from services.settings import ServiceSettings
 
 ROLES = {
     common_pb2.ROLE_SYSTEM: "system",
@@ -39,6 +40,16 @@ class Limits:
             max_n=self.max_n,
             max_rounds=self.max_rounds,
         )
+
+
+def limits_of(settings: ServiceSettings) -> Limits:
+    return Limits(
+        settings.max_prompt_tokens,
+        settings.max_new_tokens,
+        settings.max_n,
+        settings.max_rounds,
+        settings.max_batch,
+    )
 
 
 def conversation(message: common_pb2.Conversation, field: str = "conversation") -> Conversation:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,7 +18,7 @@ from cai.engine import CAIEngine
 from cai.errors import InvalidArgument
 from cai.v1 import critique_pb2, critique_pb2_grpc, judge_pb2, judge_pb2_grpc, policy_pb2, policy_pb2_grpc
 from services.backends import make_backend
-from services.convert import Limits
+from services.convert import limits_of
 from services.critique import CritiqueServicer
 from services.interceptor import Auth, ServiceInterceptor
 from services.judge import JudgeServicer
@@ -43,6 +44,7 @@ class RunningService:
     port: int
     metrics_port: int
     grace_s: float
+    engine: CAIEngine | None = None  # critique and judge
 
     @property
     def address(self) -> str:
@@ -76,16 +78,6 @@ def _credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=True)
 
 
-def limits_of(settings: ServiceSettings) -> Limits:
-    return Limits(
-        settings.max_prompt_tokens,
-        settings.max_new_tokens,
-        settings.max_n,
-        settings.max_rounds,
-        settings.max_batch,
-    )
-
-
 async def start_service(
     name: ServiceName, settings: ServiceSettings, backend: Backend | None = None
 ) -> RunningService:
@@ -112,6 +104,7 @@ async def start_service(
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
+    engine = None
     if name == "policy":
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(backend, limits), server)
     else:
@@ -155,17 +148,34 @@ async def start_service(
             }
         },
     )
-    return RunningService(name, server, health_servicer, backend, port, metrics_port, settings.grace_s)
+    return RunningService(
+        name, server, health_servicer, backend, port, metrics_port, settings.grace_s, engine
+    )
 
 
 async def serve(name: ServiceName, settings: ServiceSettings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT (with `settings.kafka`, the stream stage too), then shut down
+    gracefully: the stream drains and commits, then in-flight calls finish."""
     service = await start_service(name, settings)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stopping.wait())]
+    stream = None
+    if settings.kafka:
+        from services.processors import stream_stage
+
+        stream = asyncio.ensure_future(
+            stream_stage(name, settings, service.backend, service.engine).run(stopping)
+        )
+        waits.append(stream)
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down", extra={"fields": {"service": name, "grace_s": settings.grace_s}})
-    await service.stop()
-    log.info("stopped", extra={"fields": {"service": name}})
+    stopping.set()
+    try:
+        if stream is not None:
+            await stream  # re-raises why the stream stopped, after the server below is down
+    finally:
+        await service.stop()
+        log.info("stopped", extra={"fields": {"service": name}})

@@ -49,6 +49,24 @@ class ServiceSettings(BaseSettings):
     tls_cert: Path | None = Field(None, description="server certificate (PEM); enables TLS")
     tls_key: Path | None = Field(None, description="server private key (PEM)")
     tls_client_ca: Path | None = Field(None, description="CA (PEM) that client certificates must chain to")
+    kafka: str | None = Field(None, description="Kafka bootstrap HOST:PORT: also run the stream stage")
+    kafka_group: str | None = Field(
+        None, description="consumer group of the stream stage (default: cai-SERVICE)"
+    )
+    kafka_prefix: str = Field(
+        "", description="prefix of the topic names, to run several pipelines on one cluster"
+    )
+    kafka_max_in_flight: int = Field(8, ge=1, description="records per partition between poll and commit")
+    kafka_max_attempts: int = Field(
+        3, ge=1, description="tries per record before it goes to the dead-letter topic"
+    )
+    responses_per_prompt: int = Field(2, ge=1, description="policy stream: responses sampled per prompt")
+    rounds: int = Field(1, ge=1, description="critique stream: critique/revision rounds per rollout")
+    k_principles: int = Field(1, ge=1, description="judge stream: comparison principles per label")
+    judge_input: Literal["rollouts", "revisions"] = Field(
+        "rollouts",
+        description="judge stream: rollouts (two sampled responses) or revisions (revision vs initial)",
+    )
     grace_s: float = Field(30.0, ge=0, description="seconds in-flight calls get to finish on SIGTERM")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
