@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cai.backends.base import Backend
 from cai.engine import CAIEngine, ComparisonResult
 from cai.errors import InvalidArgument
+from cai.kafka.admin import stage_group
 from cai.kafka.records import sample_id
 from cai.pipeline import RESPONSE_PARAMS
 from cai.v1 import common_pb2, judge_pb2, records_pb2
@@ -191,7 +192,7 @@ def stream_stage(
         process = judge_processor(engine, limits, settings.k_principles, source, prefix + "preferences")
     stream = StreamSettings(
         bootstrap=settings.kafka,
-        group=settings.kafka_group or f"cai-{name}",
+        group=settings.kafka_group or stage_group(name, prefix),
         input_topic=prefix + source,
         max_in_flight=settings.kafka_max_in_flight,
         max_attempts=settings.kafka_max_attempts,

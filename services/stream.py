@@ -32,7 +32,8 @@ log = logging.getLogger("cai.stream")
 
 Output = tuple[str, str, Message]  # topic, key, value
 Processor = Callable[[Any], Awaitable[list[Output]]]
-PERMANENT = (InvalidArgument, NotFound)  # retrying cannot help: dead-letter at once
+PERMANENT = (InvalidArgument, NotFound)
+IDLE_RESEEK_S = 5.0  # retrying cannot help: dead-letter at once
 
 
 @dataclass
@@ -51,6 +52,7 @@ class _Partition:
     offsets: list[int] = field(default_factory=list)  # polled and not yet committed, in order
     done: set[int] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    uncommitted: int | None = None  # a commit point not yet accepted by the broker
 
     def commit_point(self) -> int | None:
         """The offset to commit: one past the longest done run from the oldest polled record."""
@@ -74,6 +76,7 @@ class StreamStage:
         self._consumer: Any = None
         self._producer: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._rewind: dict[Any, int] = {}  # revoked partition -> its first abandoned offset
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -115,14 +118,20 @@ class StreamStage:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until `stopping` is set, then drain, commit and close."""
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         await self._on_consumer(self._connect)
         log.info(
             "stream started", extra={"fields": {"stage": self.stage, "topic": self.settings.input_topic}}
         )
+        idle_since = loop.time()
         try:
             while not stopping.is_set():
                 batch = await self._on_consumer(self._consumer.poll, timeout_ms=200)
+                if batch:
+                    idle_since = loop.time()
+                elif loop.time() - idle_since > IDLE_RESEEK_S:
+                    await self._on_consumer(self._reseek)
+                    idle_since = loop.time()
                 for tp, items in batch.items():
                     part = self.partitions.setdefault(tp, _Partition())
                     for item in items:
@@ -148,6 +157,23 @@ class StreamStage:
         await asyncio.to_thread(self._producer.close)
         self._consumer_thread.shutdown(wait=False)
         log.info("stream stopped", extra={"fields": {"stage": self.stage, **self.counts}})
+
+    def _reseek(self) -> None:
+        """On the consumer thread, after a quiet spell: seek every partition to where it is. This
+        restarts its fetching; after a broker restart kafka-python 3.0 was seen to stop fetching a
+        partition that still had records, with no error."""
+        for tp in self._consumer.assignment():
+            if tp not in self._consumer.paused():
+                self._consumer.seek(tp, self._consumer.position(tp))
+
+    def _assign(self, assigned: Any) -> None:
+        """On the consumer thread. A partition we keep across a rebalance keeps its fetch position,
+        which is past the records abandoned at revocation: move it back to the first of them."""
+        for tp in assigned:
+            if tp in self._rewind:
+                self._consumer.seek(tp, self._rewind[tp])
+        self._rewind.clear()
+        log.info("assigned", extra={"fields": {"stage": self.stage, "partitions": str(sorted(assigned))}})
 
     # ---- per record --------------------------------------------------------------------------
 
@@ -235,15 +261,27 @@ class StreamStage:
     # ---- offsets and flow control -------------------------------------------------------------
 
     async def _commit(self) -> None:
+        from kafka.errors import KafkaError
         from kafka.structs import OffsetAndMetadata
 
         offsets = {}
         for tp, part in self.partitions.items():
             point = part.commit_point()
             if point is not None:
-                offsets[tp] = OffsetAndMetadata(point, "", -1)
-        if offsets:
+                part.uncommitted = point
+            if part.uncommitted is not None:
+                offsets[tp] = OffsetAndMetadata(part.uncommitted, "", -1)
+        if not offsets:
+            return
+        try:
             await self._on_consumer(self._consumer.commit, offsets)
+        except KafkaError as exc:  # e.g. the broker restarts: keep the offsets and try again next round
+            log.warning("commit failed", extra={"fields": {"stage": self.stage, "error": str(exc)}})
+            return
+        for tp, committed in offsets.items():
+            kept = self.partitions.get(tp)
+            if kept is not None and kept.uncommitted == committed.offset:
+                kept.uncommitted = None
 
     async def _flow_control(self) -> None:
         limit = self.settings.max_in_flight
@@ -260,17 +298,21 @@ class StreamStage:
             self._consumer.resume(*to_resume)
 
     def _revoke(self, revoked: Any) -> None:
-        """On the consumer thread: commit what is done, drop the rest (its new owner replays it)."""
+        """On the consumer thread: commit what is done, abandon the rest (whoever owns the partition
+        next replays it)."""
         from kafka.structs import OffsetAndMetadata
 
         offsets = {}
+        self._rewind.clear()
         for tp in revoked:
             part = self.partitions.pop(tp, None)
             if part is None:
                 continue
-            point = part.commit_point()
+            point = part.commit_point() or part.uncommitted
             if point is not None:
                 offsets[tp] = OffsetAndMetadata(point, "", -1)
+            if part.offsets:
+                self._rewind[tp] = part.offsets[0]
             assert self._loop is not None
             for task in list(part.tasks):
                 self._loop.call_soon_threadsafe(task.cancel)

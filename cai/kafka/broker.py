@@ -422,6 +422,9 @@ class Broker:
             # One node: every internal topic has one replica.
             "num.partitions": 1,
             "offsets.topic.replication.factor": 1,
+            # One partition instead of 50: the group coordinator is ready in moments, not minutes, on a
+            # small machine. A dev broker has few groups, so nothing is lost.
+            "offsets.topic.num.partitions": 1,
             "transaction.state.log.replication.factor": 1,
             "transaction.state.log.min.isr": 1,
             "share.coordinator.state.topic.replication.factor": 1,

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -171,3 +175,65 @@ async def test_poison_records_go_to_the_dead_letter_topic_and_the_rest_flows(kaf
     errors = {d.key: dict(d.headers)["error"].decode() for d in dead}
     assert "value" in errors[b"garbage"] and "v=99" in errors[b"old"] and "tokens" in errors[b"long"]
     assert next(d for d in dead if d.key == b"old").value == good[1].SerializeToString()  # kept as it came
+
+
+def spawn_stage(name: str, bootstrap: str, prefix: str, delay_s: float) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1])}
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "fake_stage.py"), name, bootstrap, prefix, str(delay_s)], env=env
+    )
+
+
+async def test_a_stage_killed_mid_run_loses_nothing_after_restart(kafka_broker, prefix):
+    bootstrap = kafka_broker.bootstrap
+    push_prompts(bootstrap, prefix, [prompt(i) for i in range(40)])
+    first = spawn_stage("policy", bootstrap, prefix, delay_s=0.3)
+    try:
+        seen: list[Any] = []
+        for _ in range(240):  # until the stage is part-way through
+            seen = await asyncio.to_thread(read_all, bootstrap, prefix + "rollouts")
+            if len(seen) >= 5:
+                break
+        assert 5 <= len(seen) < 40, "the stage should be mid-run"
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        first.kill()
+    second = spawn_stage("policy", bootstrap, prefix, delay_s=0.0)
+    try:
+        rollouts = await wait_for(bootstrap, prefix + "rollouts", records_pb2.RolloutRecord, 40, timeout=180)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+    assert {r.prompt.prompt_id for r in rollouts} == {f"p{i:03d}" for i in range(40)}
+    raw = read_all(bootstrap, prefix + "rollouts")
+    by_id: dict[str, set[bytes]] = {}
+    for item in raw:
+        message = records.decode(records_pb2.RolloutRecord, item.value, item.headers)
+        by_id.setdefault(message.metadata.sample_id, set()).add(message.prompt.prompt_id.encode())
+    # Replayed records are duplicates with the same sample id (and prompt), never a second id.
+    assert len(by_id) == 40 and all(len(prompts) == 1 for prompts in by_id.values())
+    assert len(raw) >= 40
+
+
+async def test_a_broker_restart_mid_run_loses_nothing(kafka_broker, prefix):
+    bootstrap = kafka_broker.bootstrap
+    push_prompts(bootstrap, prefix, [prompt(i) for i in range(30)])
+    async with stages(bootstrap, prefix, ("policy",)) as [stream]:
+        for _ in range(200):
+            if stream.counts["processed"] >= 3:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(kafka_broker.restart)
+        rollouts = await wait_for(bootstrap, prefix + "rollouts", records_pb2.RolloutRecord, 30, timeout=180)
+    assert {r.prompt.prompt_id for r in rollouts} == {f"p{i:03d}" for i in range(30)}
+
+
+async def test_two_replicas_in_one_group_split_the_partitions(kafka_broker, prefix):
+    bootstrap = kafka_broker.bootstrap
+    push_prompts(bootstrap, prefix, [prompt(i) for i in range(30)])
+    async with stages(bootstrap, prefix, ("policy", "policy")) as replicas:
+        rollouts = await wait_for(bootstrap, prefix + "rollouts", records_pb2.RolloutRecord, 30)
+    assert {r.prompt.prompt_id for r in rollouts} == {f"p{i:03d}" for i in range(30)}
+    assert all(r.counts["processed"] > 0 for r in replicas)  # both got partitions
+    assert sum(r.counts["processed"] for r in replicas) >= 30
