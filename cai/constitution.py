@@ -7,6 +7,7 @@ reported as `FILE:LINE: FIELD: what is wrong`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -186,9 +187,10 @@ class Constitution:
             },
         }
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
-        """sha256 of the canonical JSON form; formatting and comments do not change it."""
+        """sha256 of the canonical JSON form; formatting and comments do not change it. Computed
+        once: services stamp it on every response."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

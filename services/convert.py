@@ -39,6 +39,7 @@ class Limits:
             max_new_tokens=self.max_new_tokens,
             max_n=self.max_n,
             max_rounds=self.max_rounds,
+            max_batch=self.max_batch,
         )
 
 

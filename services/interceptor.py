@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -95,7 +96,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 unary, handler.request_deserializer, handler.response_serializer
             )
-        if handler.unary_stream is not None:
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -106,6 +107,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:  # a coroutine that writes with context.write (health Watch)
+            inner_writer = handler.unary_stream
+
+            async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+                async with watch(method, context):
+                    check(method, metadata)
+                    await inner_writer(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                writer, handler.request_deserializer, handler.response_serializer
             )
         return handler  # client-streaming RPCs: none in our API
 
@@ -131,7 +143,9 @@ class _Watch:
             code, message = status_of(exc), str(exc)
         elif isinstance(exc, asyncio.CancelledError):
             code = grpc.StatusCode.CANCELLED  # the caller cancelled or its deadline expired
-        elif exc is not None and not isinstance(exc, grpc.aio.AbortError):
+        elif isinstance(exc, grpc.aio.AbortError):  # the handler aborted with its own status
+            code = self.context.code() or grpc.StatusCode.UNKNOWN
+        elif exc is not None:
             code, message = grpc.StatusCode.INTERNAL, "internal error; see the service's log"
             log.error("unhandled error in %s", self.method, exc_info=exc)
         self._record(code, message)

@@ -102,6 +102,7 @@ async def start_service(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a port already in use is an error, not silently shared
         ],
     )
     engine = None
@@ -131,7 +132,13 @@ async def start_service(
     except RuntimeError as exc:
         raise InvalidArgument(f"port: cannot listen on {address}: {exc}") from None
     await server.start()
-    metrics_port = metrics.serve(settings.host, settings.metrics_port)
+    try:
+        metrics_port = metrics.serve(settings.host, settings.metrics_port)
+    except OSError as exc:
+        await server.stop(0)
+        raise InvalidArgument(
+            f"metrics_port: cannot listen on {settings.host}:{settings.metrics_port}: {exc}"
+        ) from None
     for service in ("", SERVICE_NAMES[name]):  # "" is the whole server's status
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info(

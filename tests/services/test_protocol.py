@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cai.backends.fake import FakeBackend
+from cai.errors import InvalidArgument
 from cai.v1 import common_pb2, critique_pb2, policy_pb2
 from services.client import AsyncClient, Client, judge_options, parameters
 from services.server import start_service
@@ -273,3 +274,23 @@ async def test_blocking_client_has_the_same_methods(fake_stack):
 
     n, pieces, p_a = await asyncio.to_thread(use)
     assert n == 2 and pieces[-1] <= 6 and len(pieces) >= 2 and 0 < p_a < 1
+
+
+async def test_health_watch_and_busy_ports(fake_stack, clients, make_settings):
+    health = health_pb2_grpc.HealthStub(clients["critique"].channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="cai.v1.CritiqueService"))
+    first = await watch.read()
+    watch.cancel()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    url = f"http://127.0.0.1:{fake_stack['critique'].metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    assert 'cai_requests_total{code="NOT_FOUND",method="Check",service="critique"}' in text
+
+    taken = fake_stack["critique"]
+    with pytest.raises(InvalidArgument, match="port"):
+        await start_service("judge", make_settings("judge", port=taken.port), FakeBackend())
+    with pytest.raises(InvalidArgument, match="metrics_port"):
+        await start_service("judge", make_settings("judge", metrics_port=taken.metrics_port), FakeBackend())
