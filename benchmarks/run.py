@@ -1,8 +1,10 @@
-"""Benchmarks of the foundation: batching, judging and memory.
+"""Benchmarks of the foundation (batching, judging, memory) and of the gRPC services.
 
 Run with `make bench` (or `.venv/bin/python -m benchmarks.run [--only NAME ...]`). Each benchmark
 runs its variants side by side in one process on the same inputs and reports ratios, because
 shared machines are noisy. Results print as a table and go to `benchmarks/results/<name>.json`.
+The service benchmarks (service-overhead, grpc-vs-inprocess, langchain-peer) live in
+`benchmarks/services.py`.
 """
 
 from __future__ import annotations
@@ -222,25 +224,103 @@ def bench_memory(limit: int) -> None:
     save("memory", rows, {"target": "<= 2 GB peak RSS with the defaults"})
 
 
+FOUNDATION = ["batching", "judging", "memory"]
+SERVICES = ["service-overhead", "grpc-vs-inprocess", "langchain-peer"]
+
+
+def report(name: str, title: str, result: dict[str, Any], load_before: tuple[float, ...]) -> None:
+    """Print a service benchmark's table and save its JSON (rows plus every other field)."""
+    rows = result.pop("rows")
+    # The machine is shared: the 1-minute load average before and after tells how busy it was.
+    result["load_average_1m"] = {"before": load_before[0], "after": os.getloadavg()[0]}
+    show(title, rows)
+    met = result.get("met")
+    if met is not None:
+        console.print(f"target {result['target']}: {'met' if met else 'NOT met'}")
+    save(name, rows, result)
+
+
+def run_services(args: argparse.Namespace, chosen: list[str], model: str, backend: Any) -> None:
+    from benchmarks import services
+
+    if "service-overhead" in chosen:
+        load = os.getloadavg()
+        result = services.bench_service_overhead(args.callers, args.duration, args.warmup_calls)
+        report(
+            "service-overhead",
+            f"service-overhead: Critique on FakeBackend, {args.callers} callers, {args.duration:g} s per run",
+            result,
+            load,
+        )
+    if "grpc-vs-inprocess" in chosen:
+        load = os.getloadavg()
+        result = asyncio.run(
+            services.bench_grpc_vs_inprocess(backend, args.critiques, 16, args.critique_tokens, args.rounds)
+        )
+        report(
+            "grpc-vs-inprocess",
+            f"grpc-vs-inprocess: {args.critiques} critiques, 16 callers, "
+            f"max_new_tokens={args.critique_tokens}, {result['dtype']}",
+            result,
+            load,
+        )
+    if "langchain-peer" in chosen:
+        load = os.getloadavg()
+        result = services.bench_langchain_peer(
+            model,
+            args.peer_items,
+            args.peer_callers,
+            args.peer_tokens,
+            args.peer_dtype,
+            not args.peer_skip_alone,
+        )
+        report(
+            "langchain-peer",
+            f"langchain-peer: {args.peer_items} items, one critique + one revision each (ours: Critique and "
+            f"Revise RPCs; LangChain: ConstitutionalChain), max_new_tokens={args.peer_tokens}, "
+            f"{args.peer_dtype}",
+            result,
+            load,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=["batching", "judging", "memory"])
+    parser.add_argument("--only", nargs="*", choices=FOUNDATION + SERVICES)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--memory-limit", type=int, default=8)
+    group = parser.add_argument_group("service benchmarks")
+    group.add_argument("--callers", type=int, default=32, help="service-overhead: concurrent callers")
+    group.add_argument("--duration", type=float, default=5.0, help="service-overhead: seconds per run")
+    group.add_argument("--warmup-calls", type=int, default=2000, help="service-overhead: ghz warm-up calls")
+    group.add_argument("--critiques", type=int, default=32, help="grpc-vs-inprocess: requests per run")
+    group.add_argument("--rounds", type=int, default=3, help="grpc-vs-inprocess: runs of each path")
+    group.add_argument("--critique-tokens", type=int, default=32, help="grpc-vs-inprocess: max_new_tokens")
+    group.add_argument("--peer-items", type=int, default=8, help="langchain-peer: items")
+    group.add_argument("--peer-callers", type=int, default=8, help="langchain-peer: concurrency, both sides")
+    group.add_argument("--peer-tokens", type=int, default=48, help="langchain-peer: max_new_tokens")
+    group.add_argument(
+        "--peer-skip-alone", action="store_true", help="langchain-peer: skip LangChain with one caller"
+    )
+    group.add_argument("--peer-dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    chosen = args.only or ["batching", "judging", "memory"]
+    chosen = args.only or FOUNDATION + SERVICES
     model = str(setup_default_model(progress=lambda _: None))
     if "memory" in chosen:  # first, in a fresh child, before this process loads anything
         bench_memory(args.memory_limit)
-    if {"batching", "judging"} & set(chosen):
+    if "service-overhead" in chosen:  # before a model is loaded into this process
+        run_services(args, ["service-overhead"], model, None)
+    backend = None
+    if {"batching", "judging", "grpc-vs-inprocess"} & set(chosen):
         backend = TransformersBackend(model)
         console.print(f"model {model} on {backend.device} {backend.dtype}")
         if "batching" in chosen:
             asyncio.run(bench_batching(backend, args.requests, args.max_new_tokens))
         if "judging" in chosen:
             asyncio.run(bench_judging(backend, args.pairs))
+    run_services(args, [c for c in chosen if c in ("grpc-vs-inprocess", "langchain-peer")], model, backend)
 
 
 if __name__ == "__main__":
