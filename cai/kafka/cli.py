@@ -233,7 +233,7 @@ def _number(value: int | float | None, spec: str = "d") -> str:
     "group_options",
     multiple=True,
     metavar="STAGE=GROUP",
-    help="The consumer group of a stage that does not use cai-STAGE (its kafka_group setting); repeatable.",
+    help="The consumer group of a stage that does not use PREFIXcai-STAGE (kafka_group); repeatable.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def pipeline_status_command(
