@@ -107,6 +107,8 @@ def make_backend(spec: str, settings: ServiceSettings) -> Backend:
             device=settings.device,
             dtype=settings.dtype,
             max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            batch_window_ms=settings.batch_window_ms,
             max_queue=settings.max_queue,
         )
     if kind == "tgi":

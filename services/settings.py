@@ -36,6 +36,10 @@ class ServiceSettings(BaseSettings):
     device: str | None = Field(None, description="transformers backend: cpu, cuda, ... (default: best)")
     dtype: str = Field("auto", description="transformers backend: auto, float32, bfloat16 or float16")
     max_batch_size: int = Field(16, ge=1, description="transformers backend: rows per batch")
+    max_batch_tokens: int = Field(8192, ge=64, description="transformers backend: prompt tokens per batch")
+    batch_window_ms: float = Field(
+        5.0, ge=0, description="transformers backend: how long a batch waits for more requests"
+    )
     max_queue: int = Field(256, ge=1, description="rows waiting before RESOURCE_EXHAUSTED")
     constitution: str = Field("default", description="constitution name or YAML file (critique, judge)")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest accepted prompt, in tokens")
@@ -51,7 +55,7 @@ class ServiceSettings(BaseSettings):
     tls_client_ca: Path | None = Field(None, description="CA (PEM) that client certificates must chain to")
     kafka: str | None = Field(None, description="Kafka bootstrap HOST:PORT: also run the stream stage")
     kafka_group: str | None = Field(
-        None, description="consumer group of the stream stage (default: cai-SERVICE)"
+        None, description="consumer group of the stream stage (default: PREFIXcai-SERVICE)"
     )
     kafka_prefix: str = Field(
         "", description="prefix of the topic names, to run several pipelines on one cluster"
