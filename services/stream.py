@@ -32,8 +32,7 @@ log = logging.getLogger("cai.stream")
 
 Output = tuple[str, str, Message]  # topic, key, value
 Processor = Callable[[Any], Awaitable[list[Output]]]
-PERMANENT = (InvalidArgument, NotFound)
-IDLE_RESEEK_S = 5.0  # retrying cannot help: dead-letter at once
+PERMANENT = (InvalidArgument, NotFound)  # retrying cannot help: dead-letter at once
 
 
 @dataclass
@@ -118,20 +117,14 @@ class StreamStage:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until `stopping` is set, then drain, commit and close."""
-        self._loop = loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         await self._on_consumer(self._connect)
         log.info(
             "stream started", extra={"fields": {"stage": self.stage, "topic": self.settings.input_topic}}
         )
-        idle_since = loop.time()
         try:
             while not stopping.is_set():
                 batch = await self._on_consumer(self._consumer.poll, timeout_ms=200)
-                if batch:
-                    idle_since = loop.time()
-                elif loop.time() - idle_since > IDLE_RESEEK_S:
-                    await self._on_consumer(self._reseek)
-                    idle_since = loop.time()
                 for tp, items in batch.items():
                     part = self.partitions.setdefault(tp, _Partition())
                     for item in items:
@@ -158,14 +151,6 @@ class StreamStage:
         self._consumer_thread.shutdown(wait=False)
         log.info("stream stopped", extra={"fields": {"stage": self.stage, **self.counts}})
 
-    def _reseek(self) -> None:
-        """On the consumer thread, after a quiet spell: seek every partition to where it is. This
-        restarts its fetching; after a broker restart kafka-python 3.0 was seen to stop fetching a
-        partition that still had records, with no error."""
-        for tp in self._consumer.assignment():
-            if tp not in self._consumer.paused():
-                self._consumer.seek(tp, self._consumer.position(tp))
-
     def _assign(self, assigned: Any) -> None:
         """On the consumer thread. A partition we keep across a rebalance keeps its fetch position,
         which is past the records abandoned at revocation: move it back to the first of them."""
@@ -173,6 +158,7 @@ class StreamStage:
             if tp in self._rewind:
                 self._consumer.seek(tp, self._rewind[tp])
         self._rewind.clear()
+        self._drop_parked(assigned)
         log.info("assigned", extra={"fields": {"stage": self.stage, "partitions": str(sorted(assigned))}})
 
     # ---- per record --------------------------------------------------------------------------
@@ -296,6 +282,17 @@ class StreamStage:
             self._consumer.pause(*to_pause)
         if to_resume:
             self._consumer.resume(*to_resume)
+            self._drop_parked(to_resume)
+
+    def _drop_parked(self, partitions: Any) -> None:
+        """kafka-python 3.0 parks records it fetched for a paused partition, and it can fail to give
+        them back after a resume or a rebalance (its restore waits for a slot that stays taken); it
+        then never fetches that partition again. Drop them: the position has not moved past them,
+        so they are fetched again."""
+        parked = getattr(getattr(self._consumer, "_fetcher", None), "_paused_partition_records", None)
+        if isinstance(parked, dict):
+            for tp in partitions:
+                parked.pop(tp, None)
 
     def _revoke(self, revoked: Any) -> None:
         """On the consumer thread: commit what is done, abandon the rest (whoever owns the partition

@@ -177,8 +177,14 @@ async def test_poison_records_go_to_the_dead_letter_topic_and_the_rest_flows(kaf
     assert next(d for d in dead if d.key == b"old").value == good[1].SerializeToString()  # kept as it came
 
 
-def spawn_stage(name: str, bootstrap: str, prefix: str, delay_s: float) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1])}
+def spawn_stage(
+    name: str, bootstrap: str, prefix: str, delay_s: float, in_flight: int = 8
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(HERE.parents[1]),
+        f"CAI_{name.upper()}_KAFKA_MAX_IN_FLIGHT": str(in_flight),
+    }
     return subprocess.Popen(
         [sys.executable, str(HERE / "fake_stage.py"), name, bootstrap, prefix, str(delay_s)], env=env
     )
@@ -187,7 +193,7 @@ def spawn_stage(name: str, bootstrap: str, prefix: str, delay_s: float) -> subpr
 async def test_a_stage_killed_mid_run_loses_nothing_after_restart(kafka_broker, prefix):
     bootstrap = kafka_broker.bootstrap
     push_prompts(bootstrap, prefix, [prompt(i) for i in range(40)])
-    first = spawn_stage("policy", bootstrap, prefix, delay_s=0.3)
+    first = spawn_stage("policy", bootstrap, prefix, delay_s=2.0, in_flight=2)  # about 4 records/s
     try:
         seen: list[Any] = []
         for _ in range(240):  # until the stage is part-way through
