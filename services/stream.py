@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from cai.errors import CAIError, InvalidArgument, NotFound
+from cai.errors import CAIError, InvalidArgument, NotFound, Unavailable
 from cai.kafka import records
 from cai.kafka.topics import dlq
 
@@ -112,7 +113,18 @@ class StreamStage:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=s.max_in_flight,
+            metadata_max_age_ms=30_000,  # notice added partitions within 30 s
         )
+        # The group's assignment uses the leader's metadata: a topic it has not seen yet gets no
+        # partitions, and kafka-python only rebalances at its next metadata refresh.
+        deadline = time.monotonic() + 30
+        while not self._consumer.partitions_for_topic(s.input_topic):
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"kafka: topic {s.input_topic!r} does not exist on {s.bootstrap}; "
+                    "create it with `cai topics create`"
+                )
+            time.sleep(0.5)
         self._consumer.subscribe([s.input_topic], listener=Listener())
 
     async def run(self, stopping: asyncio.Event) -> None:
