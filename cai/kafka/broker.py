@@ -463,7 +463,10 @@ class Broker:
         while True:
             process = self._process(state)
             if process is None:
-                code = self._child.poll() if self._child else None
+                code = None
+                if self._child is not None:  # let it finish exiting, so its code and last log lines exist
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        code = self._child.wait(timeout=10)
                 exited = f"exited with code {code}" if code is not None else "exited"
                 cause = self._fatal_error()
                 raise BrokerNotReady(
