@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError, RetriableError
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from cai.errors import NotFound
+from cai.errors import NotFound, Unavailable
 from cai.kafka.records import encode
-from cai.kafka.topics import INPUT_TOPICS, TOPICS, check_prefix, dlq, kafka_failure
+from cai.kafka.topics import (
+    INPUT_TOPICS,
+    TOPICS,
+    check_prefix,
+    client_config,
+    cluster_metadata,
+    dlq,
+    kafka_failure,
+)
 from cai.v1 import common_pb2, records_pb2
 
 if TYPE_CHECKING:
@@ -26,6 +34,7 @@ if TYPE_CHECKING:
 # Short: a wrong --kafka is reported in seconds. A single request to a live broker takes milliseconds.
 TIMEOUT_MS = 5000
 DELIVERY_TIMEOUT_MS = 60000
+_TIMEOUT_S = TIMEOUT_MS / 1000
 
 # The topics each stage may read, the usual one first. The judge reads rollouts (two sampled
 # answers) or revisions (a revision against its initial answer); the topics its group has
@@ -56,43 +65,27 @@ def stage_groups(overrides: Mapping[str, str] | None = None, prefix: str = "") -
 def _kafka_errors(bootstrap: str) -> Iterator[None]:
     try:
         yield
-    except KafkaError as exc:
+    except KafkaException as exc:
         raise kafka_failure(bootstrap, exc) from None
 
 
 @contextlib.contextmanager
-def _admin(bootstrap: str, client_id: str) -> Iterator[KafkaAdminClient]:
-    with _kafka_errors(bootstrap):
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            client_id=client_id,
-            request_timeout_ms=TIMEOUT_MS,
-            bootstrap_timeout_ms=TIMEOUT_MS,
-        )
-        try:
-            yield admin
-        finally:
-            admin.close()
+def _admin(bootstrap: str, client_id: str) -> Iterator[AdminClient]:
+    with _kafka_errors(bootstrap), AdminClient(client_config(bootstrap, client_id)) as admin:
+        yield admin
 
 
-def _topic_partitions(admin: KafkaAdminClient, topics: Sequence[str]) -> dict[str, list[int]]:
-    """{topic: partition numbers} of those of `topics` that exist.
-
-    Only existing topics may reach a consumer or producer: kafka-python 3.0.12 ignores
-    `allow_auto_create_topics=False`, and the broker would create a missing topic with 1 partition.
-    """
-    existing = set(admin.list_topics())
-    wanted = [topic for topic in topics if topic in existing]
-    if not wanted:
-        return {}
-    described = admin.describe_topics(wanted)
-    return {t["name"]: sorted(p["partition_index"] for p in t["partitions"]) for t in described}
+def _topic_partitions(admin: AdminClient, bootstrap: str, topics: Sequence[str]) -> dict[str, list[int]]:
+    """{topic: partition numbers} of those of `topics` that exist."""
+    # The metadata of every topic: asking for missing ones by name could have the broker create them.
+    existing = cluster_metadata(admin, bootstrap, _TIMEOUT_S).topics
+    return {topic: sorted(existing[topic].partitions) for topic in topics if topic in existing}
 
 
 def topic_partitions(bootstrap: str, topics: Sequence[str]) -> dict[str, list[int]]:
     """{topic: partition numbers} of those of `topics` that exist on the cluster."""
     with _admin(bootstrap, "cai-topics") as admin:
-        return _topic_partitions(admin, topics)
+        return _topic_partitions(admin, bootstrap, topics)
 
 
 def _no_topic(bootstrap: str, topic: str, prefix: str) -> NotFound:
@@ -119,6 +112,20 @@ def prompt_message(record: PromptRecord, seed: int) -> records_pb2.PromptRecord:
     )
 
 
+def _produce(
+    producer: Producer, topic: str, message: records_pb2.PromptRecord, on_delivery: Callable[..., None]
+) -> None:
+    value, headers = encode(message)
+    key = message.prompt_id.encode("utf-8")
+    while True:
+        try:
+            # [*headers]: the stub wants a list of a wider (and invariant) item type than ours.
+            producer.produce(topic, value=value, key=key, headers=[*headers], on_delivery=on_delivery)
+            return
+        except BufferError:  # the local queue is full: serving delivery reports makes room
+            producer.poll(0.1)
+
+
 def push_prompts(bootstrap: str, records: Sequence[PromptRecord], seed: int = 0, prefix: str = "") -> int:
     """Produce the prompts to `<prefix>prompts`, keyed by prompt id; return how many were written.
 
@@ -130,29 +137,36 @@ def push_prompts(bootstrap: str, records: Sequence[PromptRecord], seed: int = 0,
     topic = prefix + "prompts"
     messages = [prompt_message(record, seed) for record in records]
     with _admin(bootstrap, "cai-prompts-push") as admin:
-        if topic not in _topic_partitions(admin, [topic]):
+        if topic not in _topic_partitions(admin, bootstrap, [topic]):
             raise _no_topic(bootstrap, topic, prefix)
+    failures: list[KafkaError] = []
+
+    def delivered(error: KafkaError | None, _: Any) -> None:
+        if error is not None:
+            failures.append(error)
+
     with _kafka_errors(bootstrap):
-        producer = KafkaProducer(
-            bootstrap_servers=bootstrap,
-            client_id="cai-prompts-push",
-            acks="all",
-            enable_idempotence=True,
-            bootstrap_timeout_ms=TIMEOUT_MS,
-            delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
+        producer = Producer(
+            {
+                **client_config(bootstrap, "cai-prompts-push"),
+                "acks": "all",
+                "enable.idempotence": True,
+                "delivery.timeout.ms": DELIVERY_TIMEOUT_MS,
+            }
         )
         try:
-            futures = []
             for message in messages:
-                value, headers = encode(message)
-                key = message.prompt_id.encode("utf-8")
-                futures.append(producer.send(topic, key=key, value=value, headers=headers))
-            producer.flush(timeout=DELIVERY_TIMEOUT_MS / 1000)
-            for future in futures:
-                future.get(timeout=0)  # raises the first delivery failure, if any
+                _produce(producer, topic, message, delivered)
+            # Every record gets its delivery report (success or error) within the delivery timeout.
+            left = producer.flush(DELIVERY_TIMEOUT_MS / 1000 + 5)
+            if failures:
+                raise kafka_failure(bootstrap, KafkaException(failures[0]))
+            if left:
+                raise Unavailable(f"--kafka {bootstrap}: {left} prompts were not acknowledged in time")
         finally:
-            producer.close(timeout=5)
-    return len(futures)
+            producer.purge()  # nothing is left after a full flush; after a failure, close() need not wait
+            producer.close()
+    return len(messages)
 
 
 # ---- status ---------------------------------------------------------------------------------
@@ -192,25 +206,39 @@ class PipelineStatus:
         return asdict(self)
 
 
-def _committed_offsets(
-    admin: KafkaAdminClient, groups: Sequence[str]
-) -> dict[str, dict[TopicPartition, int]]:
-    deadline = time.monotonic() + TIMEOUT_MS / 1000
+Key = tuple[str, int]  # topic, partition
+
+# The first group lookup on a fresh broker creates __consumer_offsets; until that is ready the
+# group's coordinator is "not available".
+_COORDINATOR_STARTING = (
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.NOT_COORDINATOR,
+)
+
+
+def _group_offsets(admin: AdminClient, group: str) -> dict[Key, int]:
+    deadline = time.monotonic() + _TIMEOUT_S
     while True:
+        # One group per request: that is all librdkafka's ListConsumerGroupOffsets takes.
+        request = [ConsumerGroupTopicPartitions(group)]
+        future = admin.list_consumer_group_offsets(request, request_timeout=_TIMEOUT_S)[group]
         try:
-            found = admin.list_group_offsets({group: None for group in groups})
+            found = future.result()
             break
-        except RetriableError:
-            # The first group lookup on a fresh broker creates __consumer_offsets; until that is
-            # ready the coordinator is "not available".
-            if time.monotonic() > deadline:
+        except KafkaException as exc:
+            if exc.args[0].code() not in _COORDINATOR_STARTING or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-    # An offset of -1 means nothing committed for that partition.
-    return {
-        group: {tp: meta.offset for tp, meta in found.get(group, {}).items() if meta.offset >= 0}
-        for group in groups
-    }
+    # A negative offset means nothing committed for that partition; a group that does not exist
+    # has no partitions.
+    return {(tp.topic, tp.partition): tp.offset for tp in found.topic_partitions or [] if tp.offset >= 0}
+
+
+def _offsets(admin: AdminClient, keys: Sequence[Key], spec: OffsetSpec) -> dict[Key, int]:
+    """The earliest or latest offset of each partition, in one request per partition leader."""
+    futures = admin.list_offsets({TopicPartition(*key): spec for key in keys}, request_timeout=_TIMEOUT_S)
+    return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
 
 
 def pipeline_status(
@@ -229,35 +257,21 @@ def pipeline_status(
     names = [prefix + topic for topic in TOPICS]
     dead_letter_topics = {prefix + topic: dlq(prefix + topic) for topic in INPUT_TOPICS}
     with _admin(bootstrap, "cai-pipeline-status") as admin:
-        partitions = _topic_partitions(admin, [*names, *dead_letter_topics.values()])
+        partitions = _topic_partitions(admin, bootstrap, [*names, *dead_letter_topics.values()])
         if not any(name in partitions for name in names):
             raise _no_topic(bootstrap, names[0], prefix)
-        tps = [TopicPartition(topic, p) for topic, numbers in partitions.items() for p in numbers]
-        # No group and no subscription: this consumer only asks for offsets.
-        consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap,
-            client_id="cai-pipeline-status",
-            group_id=None,
-            enable_auto_commit=False,
-            request_timeout_ms=TIMEOUT_MS,
-            bootstrap_timeout_ms=TIMEOUT_MS,
-        )
-        try:
-            beginning = consumer.beginning_offsets(tps)
-            first_end = consumer.end_offsets(tps)
-            started = time.monotonic()
-            time.sleep(max(0.0, window))
-            # Committed offsets before end offsets: no commit can pass an end offset read after it.
-            committed = _committed_offsets(admin, list(groups))
-            end = consumer.end_offsets(tps)
-            elapsed = time.monotonic() - started
-        finally:
-            consumer.close()
+        keys = [(topic, p) for topic, numbers in partitions.items() for p in numbers]
+        beginning = _offsets(admin, keys, OffsetSpec.earliest())
+        first_end = _offsets(admin, keys, OffsetSpec.latest())
+        started = time.monotonic()
+        time.sleep(max(0.0, window))
+        # Committed offsets before end offsets: no commit can pass an end offset read after it.
+        committed = {group: _group_offsets(admin, group) for group in groups}
+        end = _offsets(admin, keys, OffsetSpec.latest())
+        elapsed = time.monotonic() - started
 
-    def total(topic: str, upper: Mapping[TopicPartition, int], lower: Mapping[TopicPartition, int]) -> int:
-        return sum(
-            upper[TopicPartition(topic, p)] - lower[TopicPartition(topic, p)] for p in partitions[topic]
-        )
+    def total(topic: str, upper: Mapping[Key, int], lower: Mapping[Key, int]) -> int:
+        return sum(upper[topic, p] - lower[topic, p] for p in partitions[topic])
 
     topics = []
     for name in names:
@@ -280,12 +294,12 @@ def pipeline_status(
     for group, candidates in groups.items():
         offsets = committed[group]
         inputs = [prefix + topic for topic in candidates]
-        used = [topic for topic in inputs if any(tp.topic == topic for tp in offsets)]
+        used = [topic for topic in inputs if any(t == topic for t, _ in offsets)]
         for topic in used or inputs[:1]:
             for p in partitions.get(topic, []):  # a missing topic shows in the topics table
-                tp = TopicPartition(topic, p)
-                mark = offsets.get(tp)
+                key = (topic, p)
+                mark = offsets.get(key)
                 # Records deleted by retention are no work left: count from the beginning at least.
-                start = beginning[tp] if mark is None else max(mark, beginning[tp])
-                lags.append(PartitionLag(group, topic, p, mark, end[tp], max(0, end[tp] - start)))
+                start = beginning[key] if mark is None else max(mark, beginning[key])
+                lags.append(PartitionLag(group, topic, p, mark, end[key], max(0, end[key] - start)))
     return PipelineStatus(bootstrap, prefix, window, topics, lags)

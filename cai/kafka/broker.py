@@ -483,33 +483,28 @@ class Broker:
             time.sleep(0.2)
 
     def _answers(self, state: BrokerState, deadline: float) -> bool:
-        # A plain TCP connect first: cheap, and kafka-python stays quiet until something listens.
+        # A plain TCP connect first: cheap, and no client retries against a port nothing listens on.
         try:
             socket.create_connection((HOST, state.port or 0), timeout=1).close()
         except OSError:
             return False
-        from kafka import KafkaAdminClient
-        from kafka.errors import KafkaError
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient
 
-        remaining_ms = max(1000, int((deadline - time.monotonic()) * 1000))
+        from cai.kafka.topics import client_config
+
+        timeout = min(5.0, max(1.0, deadline - time.monotonic()))
         try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=f"{HOST}:{state.port}",
-                client_id="cai-kafka-ready",
-                request_timeout_ms=min(5000, remaining_ms),
-                bootstrap_timeout_ms=min(5000, remaining_ms),
-            )
-            try:
-                cluster = admin.describe_cluster()
-            finally:
-                admin.close()
-        except (KafkaError, OSError):
+            with AdminClient(client_config(f"{HOST}:{state.port}", "cai-kafka-ready")) as admin:
+                cluster = admin.describe_cluster(request_timeout=timeout).result()
+        except KafkaException:
             return False
-        if cluster.get("cluster_id") != state.cluster_id:
+        if cluster.cluster_id != state.cluster_id:
             raise BrokerNotReady(
-                f"another Kafka cluster ({cluster.get('cluster_id')}) answers on {HOST}:{state.port}"
+                f"another Kafka cluster ({cluster.cluster_id}) answers on {HOST}:{state.port}"
             )
-        return any(b["broker_id"] == NODE_ID and not b.get("is_fenced") for b in cluster.get("brokers", []))
+        # The cluster's nodes are its unfenced brokers: a fenced one is not listed.
+        return any(node.id == NODE_ID for node in cluster.nodes)
 
     def _fatal_error(self) -> str | None:
         """The message of the last exception in the broker's log (Kafka logs why it exits)."""

@@ -107,7 +107,7 @@ _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s,:\[\]]+):(\d{1,5})")
 
 
 def _check_bootstrap(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    # kafka-python takes "host" alone as port 9092 and fails on "host:x" with a bare ValueError.
+    # librdkafka takes "host" alone as port 9092, and "host:x" as a broker that never answers.
     for address in value.split(","):
         match = _ADDRESS.fullmatch(address.strip())
         if match is None or not 0 < int(match[2]) < 65536:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from cai.errors import CAIError, InvalidArgument, Unavailable
+
+if TYPE_CHECKING:
+    from confluent_kafka.admin import AdminClient, ClusterMetadata
 
 # The input topics of a stage or of the trainer get a dead-letter topic: `<topic>.dlq`.
 TOPICS = ("prompts", "rollouts", "revisions", "preferences", "policy-versions")
@@ -30,13 +35,42 @@ def check_prefix(prefix: str) -> None:
 
 
 def kafka_failure(bootstrap: str, exc: Exception) -> CAIError:
-    """One line for a kafka-python error: their messages can repeat a whole request and response."""
-    from kafka.errors import KafkaTimeoutError
+    """One line for a confluent-kafka error, named by its librdkafka error code."""
+    from confluent_kafka import KafkaError, KafkaException
 
-    if isinstance(exc, KafkaTimeoutError) and "bootstrap" in str(exc):
-        return Unavailable(f"--kafka: no Kafka broker answers at {bootstrap}")
-    detail = getattr(exc, "description", None) or str(exc).splitlines()[0][:200]
-    return Unavailable(f"--kafka {bootstrap}: {type(exc).__name__}: {detail}")
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    if not isinstance(error, KafkaError):
+        return Unavailable(f"--kafka {bootstrap}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    return Unavailable(f"--kafka {bootstrap}: {error.name()}: {error.str().splitlines()[0][:200]}")
+
+
+def client_config(bootstrap: str, client_id: str) -> dict[str, Any]:
+    """librdkafka settings of our short-lived clients: the CLI's, and the broker's readiness check."""
+    return {
+        "bootstrap.servers": bootstrap,
+        "client.id": client_id,
+        # librdkafka logs every failed connection attempt to stderr; the errors that matter reach
+        # us as exceptions or delivery reports, and a CLI error stays one line.
+        "log_level": 0,
+        # Admin clients and producers default to true: asking for a missing topic's metadata, or
+        # producing to it, would have the broker create it with its default partitions.
+        "allow.auto.create.topics": False,
+    }
+
+
+def cluster_metadata(admin: AdminClient, bootstrap: str, timeout: float = 5.0) -> ClusterMetadata:
+    """Brokers and topics of the cluster; the first request of every command, so an unreachable
+    --kafka is reported here, in `timeout` seconds."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    try:
+        return admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        error = exc.args[0]
+        # librdkafka says _TRANSPORT whether the port is closed, the host unknown or silent.
+        if error.code() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._RESOLVE):
+            raise Unavailable(f"--kafka: no Kafka broker answers at {bootstrap}") from None
+        raise kafka_failure(bootstrap, exc) from None
 
 
 @dataclass(frozen=True)
@@ -53,47 +87,59 @@ def all_topics(prefix: str = "") -> list[str]:
 def create_topics(bootstrap: str, spec: TopicSpec = TopicSpec(), prefix: str = "") -> dict[str, str]:
     """Create the missing topics; returns {topic: "created" | "exists"}. Existing ones are left as
     they are (partitions can only grow, and only on purpose)."""
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import KafkaError, TopicAlreadyExistsError
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
 
     check_prefix(prefix)
-    try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            client_id="cai-topics",
-            request_timeout_ms=15000,
-            bootstrap_timeout_ms=5000,  # an unreachable --kafka is reported in seconds, not after 30
-        )
-    except KafkaError as exc:
-        raise kafka_failure(bootstrap, exc) from None
-    try:
-        brokers = len(admin.describe_cluster()["brokers"])
+    with AdminClient(client_config(bootstrap, "cai-topics")) as admin:
+        cluster = cluster_metadata(admin, bootstrap)
+        brokers = len(cluster.brokers)
         if spec.replication > brokers:  # the broker's own refusal names neither the flag nor the fix
             raise InvalidArgument(
                 f"--replication: {spec.replication} replicas need as many brokers; {bootstrap} has {brokers}"
             )
-        existing = set(admin.list_topics())
         result = {}
         missing = []
         for name in all_topics(prefix):
-            if name in existing:
+            if name in cluster.topics:
                 result[name] = "exists"
                 continue
             # Dead letters are kept longer: someone has to look at them.
             retention = spec.retention_ms * (4 if name.endswith(".dlq") else 1)
             partitions = 1 if name.endswith(".dlq") or name.endswith("policy-versions") else spec.partitions
-            missing.append(
-                NewTopic(name, partitions, spec.replication, topic_configs={"retention.ms": str(retention)})
-            )
-        for topic in missing:
-            try:
-                # Waiting for the partitions' leaders lets a producer that starts next find them.
-                admin.create_topics([topic], wait_for_metadata=True)
-                result[topic.name] = "created"
-            except TopicAlreadyExistsError:  # another process created it meanwhile
-                result[topic.name] = "exists"
+            config = {"retention.ms": str(retention)}
+            missing.append(NewTopic(name, partitions, spec.replication, config=config))
+        if not missing:
+            return result
+        try:
+            for name, future in admin.create_topics(missing, request_timeout=15).items():
+                try:
+                    future.result()
+                    result[name] = "created"
+                except KafkaException as exc:
+                    if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise
+                    result[name] = "exists"  # another process created it meanwhile
+            _wait_for_leaders(admin, bootstrap, [topic.topic for topic in missing])
+        except KafkaException as exc:
+            raise kafka_failure(bootstrap, exc) from None
         return result
-    except KafkaError as exc:
-        raise kafka_failure(bootstrap, exc) from None
-    finally:
-        admin.close()
+
+
+def _wait_for_leaders(admin: AdminClient, bootstrap: str, names: list[str], timeout: float = 15.0) -> None:
+    """Until every partition of `names` has a leader, so that a producer that starts next finds them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = cluster_metadata(admin, bootstrap).topics
+        waiting = [
+            name
+            for name in names
+            if name not in topics
+            or not topics[name].partitions
+            or any(p.leader < 0 for p in topics[name].partitions.values())
+        ]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise Unavailable(f"--kafka {bootstrap}: topic {waiting[0]!r} has no leader after {timeout:.0f}s")
+        time.sleep(0.1)

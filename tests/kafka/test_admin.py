@@ -12,12 +12,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.structs import OffsetAndMetadata
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from cai.cli import main
 from cai.errors import NotFound
@@ -51,55 +50,57 @@ def table_rows(result: Result) -> list[list[str]]:
     return [line.replace("│", " ").split() for line in result.output.splitlines() if "│" in line]
 
 
-def partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        [described] = admin.describe_topics([topic])
-    finally:
-        admin.close()
-    return [TopicPartition(topic, p["partition_index"]) for p in described["partitions"]]
+def topic_sizes(bootstrap: str) -> dict[str, int]:
+    """{topic: number of partitions} of every topic on the cluster."""
+    with AdminClient({"bootstrap.servers": bootstrap}) as admin:
+        return {name: len(t.partitions) for name, t in admin.list_topics(timeout=10).topics.items()}
 
 
-def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 30) -> list[tuple[int, Any]]:
-    """(partition, record) of every record of every partition, from the start, without a group."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    consumer.assign(partitions(bootstrap, topic))
-    consumer.seek_to_beginning()
-    found: list[tuple[int, Any]] = []
+def partitions(bootstrap: str, topic: str) -> range:
+    return range(topic_sizes(bootstrap)[topic])
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 30) -> list[tuple[int, Message]]:
+    """(partition, record) of every record of every partition, from the start. librdkafka wants a
+    group id even so; assign() never joins the group."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions(bootstrap, topic)])
+    found: list[tuple[int, Message]] = []
     deadline = time.monotonic() + timeout
     try:
         while len(found) < expected and time.monotonic() < deadline:
-            for tp, batch in consumer.poll(timeout_ms=500).items():
-                found += [(tp.partition, record) for record in batch]
+            for record in consumer.consume(expected - len(found), timeout=0.5):
+                assert record.error() is None, record.error()
+                found.append((record.partition(), record))
     finally:
         consumer.close()
     return found
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused"})
     try:
-        return {tp.partition: n for tp, n in consumer.end_offsets(partitions(bootstrap, topic)).items()}
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in partitions(bootstrap, topic)
+        }
     finally:
         consumer.close()
 
 
 def produce(bootstrap: str, topic: str, partition: int, count: int) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    try:
-        for i in range(count):
-            producer.send(topic, value=f"record {i}".encode(), partition=partition)
-        producer.flush(timeout=30)
-    finally:
-        producer.close()
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    for i in range(count):
+        producer.produce(topic, value=f"record {i}".encode(), partition=partition)
+    assert producer.flush(30) == 0
 
 
 def commit(bootstrap: str, group: str, offsets: dict[TopicPartition, int]) -> None:
     """What a stage's consumer does after processing: commit, here without consuming anything."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
-        consumer.assign(list(offsets))
-        consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
+        commits = [TopicPartition(tp.topic, tp.partition, offset) for tp, offset in offsets.items()]
+        consumer.commit(offsets=commits, asynchronous=False)
     finally:
         consumer.close()
 
@@ -126,12 +127,8 @@ def test_topics_create_is_idempotent(kafka_broker: Broker, prefix: str) -> None:
     expected = {name: 1 if name.endswith((".dlq", "policy-versions")) else 3 for name in names}
     assert table_rows(first) == [[name, str(n), "created"] for name, n in expected.items()]
     assert table_rows(second) == [[name, str(n), "exists"] for name, n in expected.items()]
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)}
-    finally:
-        admin.close()
-    assert described == expected
+    sizes = topic_sizes(bootstrap)
+    assert {name: sizes[name] for name in names} == expected
 
 
 def test_more_replicas_than_brokers_is_a_clear_error(kafka_broker: Broker, prefix: str) -> None:
@@ -157,9 +154,10 @@ def test_prompts_push_puts_exactly_the_file_on_the_prompts_topic(
     assert len(found) == len(PROMPTS)
     by_key = {}
     for _, record in found:
-        assert dict(record.headers)[SCHEMA_HEADER] == schema_of(records_pb2.PromptRecord)
-        message = decode(records_pb2.PromptRecord, record.value, record.headers)
-        by_key[record.key.decode("utf-8")] = message
+        headers = record.headers()
+        assert dict(headers or [])[SCHEMA_HEADER] == schema_of(records_pb2.PromptRecord)
+        message = decode(records_pb2.PromptRecord, record.value(), headers)
+        by_key[record.key().decode("utf-8")] = message
     assert set(by_key) == {row["id"] for row in PROMPTS}
     for row in PROMPTS:
         user = common_pb2.Message(role=common_pb2.ROLE_USER, content=row["prompt"])
@@ -170,11 +168,11 @@ def test_prompts_push_puts_exactly_the_file_on_the_prompts_topic(
             seed=prompt_seed(7, row["id"]),
         )
     # Keyed by prompt id: pushing again sends every prompt to the partition it went to before.
-    first_partitions = {record.key: partition for partition, record in found}
+    first_partitions = {record.key(): partition for partition, record in found}
     push_prompts(bootstrap, [PromptRecord(row["id"], row["prompt"]) for row in PROMPTS], prefix=prefix)
     again = read_topic(bootstrap, prefix + "prompts", 2 * len(PROMPTS))
     assert len(again) == 2 * len(PROMPTS)
-    assert all(first_partitions[record.key] == partition for partition, record in again)
+    assert all(first_partitions[record.key()] == partition for partition, record in again)
 
 
 def test_a_bad_line_pushes_nothing_and_names_the_line(
@@ -197,12 +195,9 @@ def test_a_missing_topic_is_reported_and_not_created(kafka_broker: Broker, prefi
         push_prompts(bootstrap, [PromptRecord("a", "hello")], prefix=prefix)
     with pytest.raises(NotFound, match="cai topics create"):
         pipeline_status(bootstrap, prefix=prefix, window=0)
-    # kafka-python's clients would have the broker create a missing topic with one partition.
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        assert not [t for t in admin.list_topics() if t.startswith(prefix)]
-    finally:
-        admin.close()
+    # librdkafka's admin clients and producers would have the broker create a missing topic they
+    # ask about, with one partition.
+    assert not [t for t in topic_sizes(bootstrap) if t.startswith(prefix)]
 
 
 @pytest.fixture
@@ -210,11 +205,11 @@ def busy_policy_versions(kafka_broker: Broker, prefix: str) -> Iterator[None]:
     """Records keep arriving on policy-versions (no stage reads it), for the throughput reading."""
     create_topics(kafka_broker.bootstrap, TopicSpec(partitions=2), prefix=prefix)
     stop = threading.Event()
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks=1)
+    producer = Producer({"bootstrap.servers": kafka_broker.bootstrap, "acks": 1})
 
     def run() -> None:
         while not stop.is_set():
-            producer.send(prefix + "policy-versions", value=b"v")
+            producer.produce(prefix + "policy-versions", value=b"v")
             producer.flush()
             time.sleep(0.02)
 
@@ -225,7 +220,6 @@ def busy_policy_versions(kafka_broker: Broker, prefix: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(10)
-        producer.close()
 
 
 def test_pipeline_status_shows_offsets_lag_dead_letters_and_throughput(

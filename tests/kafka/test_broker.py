@@ -1,4 +1,4 @@
-"""The development Kafka broker, for real: records in and out with kafka-python, a restart that
+"""The development Kafka broker, for real: records in and out with confluent-kafka, a restart that
 loses nothing, status from another process, and `cai kafka` as a user runs it."""
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
-from kafka.structs import OffsetAndMetadata
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from cai.kafka.broker import Broker, BrokerNotReady, PortInUse
 
@@ -25,32 +24,41 @@ CAI = [sys.executable, "-m", "cai.cli"]
 
 def new_topic(bootstrap: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])
-    finally:
-        admin.close()
+    with AdminClient({"bootstrap.servers": bootstrap}) as admin:
+        admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])[name].result()
     return name
 
 
-def producer(bootstrap: str) -> KafkaProducer:
+def producer(bootstrap: str) -> Producer:
     # What the stages will use (DESIGN.md section 4): acks from every in-sync replica, no duplicates
     # on retry.
-    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, retries=10)
+    return Producer(
+        {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "retries": 10}
+    )
+
+
+def send(producer: Producer, topic: str, key: bytes, value: bytes, timeout: float) -> Message:
+    """Produce one record and wait for its delivery report; the record as the broker stored it."""
+    reports: list[Message] = []
+    producer.produce(topic, key=key, value=value, on_delivery=lambda _, message: reports.append(message))
+    assert producer.flush(timeout) == 0, f"not delivered in {timeout} s"
+    [report] = reports
+    assert report.error() is None, report.error()
+    return report
 
 
 def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 30) -> list[tuple[bytes, bytes]]:
-    """Every record of partition 0 from the start, without a consumer group."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    partition = TopicPartition(topic, 0)
-    consumer.assign([partition])
-    consumer.seek_to_beginning(partition)
+    """Every record of partition 0 from the start. librdkafka wants a group id even so; assign()
+    never joins the group."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
     records: list[tuple[bytes, bytes]] = []
     deadline = time.monotonic() + timeout
     try:
         while len(records) < expected and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                records += [(r.key, r.value) for r in batch]
+            for r in consumer.consume(expected - len(records), timeout=0.5):
+                assert r.error() is None, r.error()
+                records.append((r.key(), r.value()))
     finally:
         consumer.close()
     return records
@@ -62,44 +70,36 @@ def cai(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
 
 def test_a_record_goes_in_and_comes_out(kafka_broker: Broker) -> None:
     topic = new_topic(kafka_broker.bootstrap)
-    send = producer(kafka_broker.bootstrap)
-    try:
-        metadata = send.send(topic, key=b"k1", value=b"hello kafka").get(timeout=30)
-    finally:
-        send.close()
-    assert (metadata.topic, metadata.partition, metadata.offset) == (topic, 0, 0)
+    stored = send(producer(kafka_broker.bootstrap), topic, b"k1", b"hello kafka", timeout=30)
+    assert (stored.topic(), stored.partition(), stored.offset()) == (topic, 0, 0)
     assert read_all(kafka_broker.bootstrap, topic, 1) == [(b"k1", b"hello kafka")]
 
 
 def test_a_restart_keeps_address_topics_records_and_committed_offsets(kafka_broker: Broker) -> None:
     bootstrap = kafka_broker.bootstrap
     topic = new_topic(bootstrap)
-    send = producer(bootstrap)
+    before = producer(bootstrap)
     group = f"group-{uuid.uuid4().hex[:8]}"
-    try:
-        for i in range(5):
-            send.send(topic, key=str(i).encode(), value=f"before {i}".encode())
-        send.flush(timeout=30)
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-        partition = TopicPartition(topic, 0)
-        consumer.assign([partition])
-        consumer.commit({partition: OffsetAndMetadata(3)})
-        consumer.close()
-        pid = kafka_broker.status().pid
+    for i in range(5):
+        before.produce(topic, key=str(i).encode(), value=f"before {i}".encode())
+    assert before.flush(30) == 0
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    consumer.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
+    consumer.close()
+    pid = kafka_broker.status().pid
 
-        status = kafka_broker.restart()
+    status = kafka_broker.restart()
 
-        assert status.running and status.pid != pid
-        assert kafka_broker.bootstrap == bootstrap  # clients reconnect to the address they have
-        # The producer made before the restart reconnects on its own and goes on.
-        send.send(topic, key=b"5", value=b"after").get(timeout=60)
-    finally:
-        send.close()
+    assert status.running and status.pid != pid
+    assert kafka_broker.bootstrap == bootstrap  # clients reconnect to the address they have
+    # The producer made before the restart reconnects on its own and goes on.
+    send(before, topic, b"5", b"after", timeout=60)
     expected = [(str(i).encode(), f"before {i}".encode()) for i in range(5)] + [(b"5", b"after")]
     assert read_all(bootstrap, topic, 6) == expected
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
-        assert consumer.committed(TopicPartition(topic, 0)) == 3
+        [committed] = consumer.committed([TopicPartition(topic, 0)], timeout=10)
+        assert committed.offset == 3
     finally:
         consumer.close()
 
@@ -167,11 +167,8 @@ def test_cai_kafka_start_status_stop(cli_data_dir: Path) -> None:
     info = json.loads(status.stdout)
     assert info["running"] and info["bootstrap"] == bootstrap
     assert Path(info["log_file"]).is_file()
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        assert admin.describe_cluster()["brokers"][0]["port"] == int(port)
-    finally:
-        admin.close()
+    with AdminClient({"bootstrap.servers": bootstrap}) as admin:
+        assert admin.describe_cluster(request_timeout=10).result().nodes[0].port == int(port)
 
     assert cai("kafka", "start", "--data-dir", data).stdout.strip() == bootstrap  # already running
     stopped = cai("kafka", "stop", "--data-dir", data)
