@@ -4,7 +4,8 @@ Run with `make bench` (or `.venv/bin/python -m benchmarks.run [--only NAME ...]`
 runs its variants side by side in one process on the same inputs and reports ratios, because
 shared machines are noisy. Results print as a table and go to `benchmarks/results/<name>.json`.
 The service benchmarks (service-overhead, grpc-vs-inprocess, langchain-peer) live in
-`benchmarks/services.py`.
+`benchmarks/services.py`, the Kafka ones (kafka-ceiling, kafka-latency, kafka-vs-inprocess) in
+`benchmarks/kafka.py`.
 """
 
 from __future__ import annotations
@@ -226,6 +227,7 @@ def bench_memory(limit: int) -> None:
 
 FOUNDATION = ["batching", "judging", "memory"]
 SERVICES = ["service-overhead", "grpc-vs-inprocess", "langchain-peer"]
+KAFKA = ["kafka-ceiling", "kafka-latency", "kafka-vs-inprocess"]
 
 
 def report(name: str, title: str, result: dict[str, Any], load_before: tuple[float, ...]) -> None:
@@ -284,9 +286,29 @@ def run_services(args: argparse.Namespace, chosen: list[str], model: str, backen
         )
 
 
+def run_kafka(args: argparse.Namespace, chosen: list[str], backend: Any) -> None:
+    from benchmarks import kafka
+
+    if "kafka-ceiling" in chosen:
+        load = os.getloadavg()
+        result = kafka.bench_ceiling(args.kafka_records, args.kafka_in_flight)
+        title = f"kafka-ceiling: {args.kafka_records} prompts, {kafka.PARTITIONS} partitions, FakeBackend"
+        report("kafka-ceiling", title, result, load)
+    if "kafka-latency" in chosen:
+        load = os.getloadavg()
+        result = kafka.bench_latency(args.kafka_rate, args.kafka_seconds)
+        title = "kafka-latency: prompt produced -> preference produced, policy and judge stages, FakeBackend"
+        report("kafka-latency", title, result, load)
+    if "kafka-vs-inprocess" in chosen:
+        load = os.getloadavg()
+        result = kafka.bench_vs_inprocess(backend, args.kafka_prompts, args.kafka_rounds)
+        title = f"kafka-vs-inprocess: cai up's pipeline on {args.kafka_prompts} prompts, real model"
+        report("kafka-vs-inprocess", title, result, load)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=FOUNDATION + SERVICES)
+    parser.add_argument("--only", nargs="*", choices=FOUNDATION + SERVICES + KAFKA)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=16)
@@ -305,15 +327,26 @@ def main() -> None:
         "--peer-skip-alone", action="store_true", help="langchain-peer: skip LangChain with one caller"
     )
     group.add_argument("--peer-dtype", default="float32", choices=["float32", "bfloat16"])
+    group = parser.add_argument_group("kafka benchmarks")
+    group.add_argument("--kafka-records", type=int, default=20000, help="kafka-ceiling: prompts")
+    group.add_argument(
+        "--kafka-in-flight", type=int, nargs="+", default=[8, 64], help="kafka-ceiling: max_in_flight values"
+    )
+    group.add_argument("--kafka-rate", type=float, default=50.0, help="kafka-latency: prompts per second")
+    group.add_argument("--kafka-seconds", type=float, default=20.0, help="kafka-latency: seconds of prompts")
+    group.add_argument("--kafka-prompts", type=int, default=8, help="kafka-vs-inprocess: prompts per run")
+    group.add_argument("--kafka-rounds", type=int, default=2, help="kafka-vs-inprocess: runs of each path")
     args = parser.parse_args()
-    chosen = args.only or FOUNDATION + SERVICES
+    chosen = args.only or FOUNDATION + SERVICES + KAFKA
     model = str(setup_default_model(progress=lambda _: None))
     if "memory" in chosen:  # first, in a fresh child, before this process loads anything
         bench_memory(args.memory_limit)
     if "service-overhead" in chosen:  # before a model is loaded into this process
         run_services(args, ["service-overhead"], model, None)
     backend = None
-    if {"batching", "judging", "grpc-vs-inprocess"} & set(chosen):
+    if {"kafka-ceiling", "kafka-latency"} & set(chosen):  # FakeBackend only: before the model loads
+        run_kafka(args, [c for c in chosen if c in ("kafka-ceiling", "kafka-latency")], None)
+    if {"batching", "judging", "grpc-vs-inprocess", "kafka-vs-inprocess"} & set(chosen):
         backend = TransformersBackend(model)
         console.print(f"model {model} on {backend.device} {backend.dtype}")
         if "batching" in chosen:
@@ -321,6 +354,8 @@ def main() -> None:
         if "judging" in chosen:
             asyncio.run(bench_judging(backend, args.pairs))
     run_services(args, [c for c in chosen if c in ("grpc-vs-inprocess", "langchain-peer")], model, backend)
+    if "kafka-vs-inprocess" in chosen:
+        run_kafka(args, ["kafka-vs-inprocess"], backend)
 
 
 if __name__ == "__main__":

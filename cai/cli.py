@@ -255,6 +255,13 @@ def constitution_import(
     is_flag=True,
     help="Start the policy, critique and judge gRPC services on loopback and run through them.",
 )
+@click.option(
+    "--kafka",
+    metavar="HOST:PORT",
+    default=None,
+    help="Run the stages as stream stages on this Kafka broker (topics cai-up.<run id>.<random>.*) "
+    "and export their records into the run folder.",
+)
 def up(
     prompts: Path | None,
     constitution_path: str,
@@ -271,6 +278,7 @@ def up(
     device: str | None,
     dtype: str,
     services: bool,
+    kafka: str | None,
 ) -> None:
     """Run SL-CAI and RL-CAI data generation on one machine and write runs/<id>/."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -281,6 +289,8 @@ def up(
     from cai.models import DEFAULT_MODEL, is_ready, resolve_model, setup_default_model
     from cai.paths import default_model_dir
 
+    if services and kafka:
+        raise InvalidArgument("--services and --kafka: choose one transport")
     if out is not None and out.is_dir() and any(out.iterdir()):
         raise InvalidArgument(
             f"--out: {out} is not empty; choose a new folder so no earlier run is overwritten"
@@ -310,7 +320,8 @@ def up(
     console.print(
         f"constitution {cons.id} {cons.version} (sha256 {cons.hash[:12]}), model {backend.model_id}, "
         f"{backend.device} {str(backend.dtype).removeprefix('torch.')}, {len(records)} prompts"
-        + (", through the gRPC services on loopback" if services else ""),
+        + (", through the gRPC services on loopback" if services else "")
+        + (f", through Kafka at {kafka}" if kafka else ""),
         highlight=False,
     )
     columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -321,6 +332,10 @@ def up(
             for stage in ("responses", "critiques", "judgments")
         }
         advance = lambda stage: progress.advance(tasks[stage])  # noqa: E731
+        if kafka:
+            from services.kafka_run import run_through_kafka
+
+            return await run_through_kafka(backend, cons, config, records, kafka, advance)
         if not services:
             return await pipeline.run(
                 pipeline.LocalStages(CAIEngine(backend, cons)), config, records, advance

@@ -183,8 +183,7 @@ async def _process(
     return PromptResult(record, seed, responses, chain, pair, result, completions[0].policy_version)
 
 
-def _records(result: PromptResult, stages: Stages, run_id: str) -> dict[str, dict[str, Any]]:
-    c = stages.constitution
+def _records(result: PromptResult, c: Constitution, model_id: str, run_id: str) -> dict[str, dict[str, Any]]:
     rec = result.record
     meta = {
         "prompt_id": rec.id,
@@ -192,7 +191,7 @@ def _records(result: PromptResult, stages: Stages, run_id: str) -> dict[str, dic
         "constitution_id": c.id,
         "constitution_version": c.version,
         "constitution_hash": c.hash,
-        "model_id": stages.model_id,
+        "model_id": model_id,
         "policy_version": result.policy_version,
         "seed": result.seed,
         "run_id": run_id,
@@ -203,7 +202,7 @@ def _records(result: PromptResult, stages: Stages, run_id: str) -> dict[str, dic
 
     def sample_id(kind: str) -> str:
         # Deterministic: the same prompt, seed, constitution and model give the same id.
-        return _digest(kind, result.seed, rec.id, c.hash, stages.model_id)[:24]
+        return _digest(kind, result.seed, rec.id, c.hash, model_id)[:24]
 
     a_wins = result.judgment.p_a >= 0.5
     chosen, rejected = result.pair if a_wins else result.pair[::-1]
@@ -239,21 +238,23 @@ def _records(result: PromptResult, stages: Stages, run_id: str) -> dict[str, dic
     }
 
 
-class _OrderedWriter:
+class RunWriter:
     """Appends each prompt's records as soon as it and every prompt before it are done.
 
     Files grow while the run goes on (an interrupted run keeps what it finished) and still list
     records in prompt order, so two runs with the same seed give identical files.
     """
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, constitution: Constitution):
         names = {"sft": "sft.jsonl", "revision": "revisions.jsonl", "preference": "preferences.jsonl"}
         self.files = {kind: (out / name).open("w", encoding="utf-8") for kind, name in names.items()}
+        self.constitution = constitution
+        self.run_id = out.name
         self.done: dict[int, dict[str, dict[str, Any]]] = {}
         self.next = 0
 
-    def add(self, index: int, records: dict[str, dict[str, Any]]) -> None:
-        self.done[index] = records
+    def add(self, index: int, result: PromptResult, model_id: str) -> None:
+        self.done[index] = _records(result, self.constitution, model_id, self.run_id)
         while self.next in self.done:
             for kind, record in self.done.pop(self.next).items():
                 self.files[kind].write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -297,38 +298,51 @@ async def run(
     """Run the pipeline over `prompts` and write the run folder; returns run.json's content."""
     started = time.time()
     config.out.mkdir(parents=True, exist_ok=True)
-    run_id = config.out.name
     gate = asyncio.Semaphore(config.concurrency)
-
-    writer = _OrderedWriter(config.out)
+    writer = RunWriter(config.out, stages.constitution)
 
     async def bounded(index: int, record: PromptRecord) -> PromptResult:
         async with gate:
             result = await _process(stages, config, record, advance)
-        writer.add(index, _records(result, stages, run_id))
+        writer.add(index, result, stages.model_id)
         return result
 
     try:
         results = await asyncio.gather(*(bounded(i, r) for i, r in enumerate(prompts)))
     finally:
         writer.close()
+    return write_run_info(
+        config, results, started, stages.constitution, stages.model_id, stages.engine_config
+    )
+
+
+def write_run_info(
+    config: RunConfig,
+    results: list[PromptResult],
+    started: float,
+    c: Constitution,
+    model_id: str,
+    engine_config: EngineConfig,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write run.json, last, so a folder without it holds an interrupted run; returns its content."""
     import torch
     import transformers
 
-    c = stages.constitution
     run_info = {
-        "run_id": run_id,
+        "run_id": config.out.name,
         "created_at": datetime.fromtimestamp(started, UTC).isoformat(),
         "duration_s": round(time.time() - started, 2),
-        "model_id": stages.model_id,
+        "model_id": model_id,
         "constitution": {"id": c.id, "version": c.version, "hash": c.hash, "source": c.source},
         "config": {
             **{k: v for k, v in asdict(config).items() if k not in ("out", "prompts")},
             "prompts": str(config.prompts or builtin_prompts_file()),
-            "engine": asdict(stages.engine_config),
+            "engine": asdict(engine_config),
+            **extra,
         },
         "counts": {
-            "prompts": len(prompts),
+            "prompts": len(results),
             "sft": len(results),
             "preferences": len(results),
             "revisions": len(results),

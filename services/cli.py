@@ -25,7 +25,7 @@ def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
     fields = ServiceSettings.model_fields
     for name in reversed(list(fields)):
         field = fields[name]
-        kind: Any = {int: int, float: float}.get(cast(Any, field.annotation), str)
+        kind: Any = {int: int, float: float, bool: click.BOOL}.get(cast(Any, field.annotation), str)
         command = click.option(
             f"--{name.replace('_', '-')}",
             name,

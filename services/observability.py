@@ -53,6 +53,22 @@ class Metrics:
         self.queue_depth = Gauge(
             "cai_queue_depth", "rows waiting or running in the backend", ["service"], registry=self.registry
         ).labels(**labels)
+        # The stream stage's (services/stream.py), labelled by stage like `cai pipeline status`.
+        self.stream_records = Counter(
+            "cai_stream_records",
+            "input records by outcome: processed, dead_lettered or retried",
+            ["stage", "outcome"],
+            registry=self.registry,
+        )
+        self.stream_lag = Gauge(
+            "cai_stream_lag",
+            "records from the oldest one not done to the end of the partition",
+            ["stage", "topic", "partition"],
+            registry=self.registry,
+        )
+        self.stream_in_flight = Gauge(
+            "cai_stream_in_flight", "records polled and not yet done", ["stage"], registry=self.registry
+        )
         self.service = service
         self.port: int | None = None
 

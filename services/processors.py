@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cai.backends.base import Backend
+from cai.backends.base import Backend, SamplingParams
 from cai.engine import CAIEngine, ComparisonResult
 from cai.errors import InvalidArgument
 from cai.kafka.admin import stage_group
@@ -17,6 +17,7 @@ from cai.pipeline import RESPONSE_PARAMS
 from cai.v1 import common_pb2, judge_pb2, records_pb2
 from services import convert
 from services.convert import Limits, limits_of
+from services.server import RunningService
 from services.settings import ServiceSettings
 from services.stream import Output, Processor, StreamSettings, StreamStage
 
@@ -43,15 +44,15 @@ def _conversation(prompt: records_pb2.PromptRecord) -> list[dict[str, str]]:
     return turns
 
 
-def policy_processor(backend: Backend, limits: Limits, n: int, topic: str) -> Processor:
-    """prompts -> rollouts: `n` sampled responses per prompt, seeded by the prompt."""
+def policy_processor(backend: Backend, limits: Limits, params: SamplingParams, topic: str) -> Processor:
+    """prompts -> rollouts: `params.n` sampled responses per prompt, seeded by the prompt."""
 
     async def process(prompt: records_pb2.PromptRecord) -> list[Output]:
         if not prompt.prompt_id:
             raise InvalidArgument("prompt_id: must not be empty")
         text = await backend.render(_conversation(prompt))
         await convert.check_prompt_length(backend, text, limits, "prompt.conversation")
-        completions = await backend.generate(text, replace(RESPONSE_PARAMS, n=n, seed=prompt.seed))
+        completions = await backend.generate(text, replace(params, seed=prompt.seed))
         rollout = records_pb2.RolloutRecord(
             metadata=_metadata(
                 "rollout",
@@ -122,7 +123,7 @@ def _labels(result: ComparisonResult) -> list[judge_pb2.PrincipleLabel]:
 
 
 def judge_processor(
-    engine: CAIEngine, limits: Limits, k_principles: int, source: str, topic: str
+    engine: CAIEngine, limits: Limits, options: dict[str, Any], source: str, topic: str
 ) -> Processor:
     """rollouts -> preferences (two sampled responses), or revisions -> preferences (revision vs
     the response it revised)."""
@@ -142,7 +143,7 @@ def judge_processor(
                 (record.responses[0], record.responses[1]),
                 record.metadata.model_ids,
             )
-        result = await engine.compare(turns, *pair, k_principles=k_principles, seed=prompt.seed)
+        result = await engine.compare(turns, *pair, **options, seed=prompt.seed)
         a_wins = result.p_a >= 0.5
         chosen, rejected = pair if a_wins else pair[::-1]
         c = engine.constitution
@@ -169,18 +170,21 @@ def judge_processor(
     return process
 
 
-def stream_stage(
-    name: str, settings: ServiceSettings, backend: Backend, engine: CAIEngine | None
-) -> StreamStage:
-    """The stream stage of service `name`, on the topics named by its settings."""
+def stream_stage(service: RunningService, settings: ServiceSettings) -> StreamStage:
+    """The stream stage of a running service, on the topics named by its settings; it feeds the
+    same backend (and batches) as the service's gRPC callers."""
     assert settings.kafka is not None
+    name, backend, engine = service.name, service.backend, service.engine
     prefix = settings.kafka_prefix
     limits = limits_of(settings)
     source: str
     record_type: type[Message]
     if name == "policy":
         source, record_type = "prompts", records_pb2.PromptRecord
-        process = policy_processor(backend, limits, settings.responses_per_prompt, prefix + "rollouts")
+        params = replace(
+            RESPONSE_PARAMS, n=settings.responses_per_prompt, max_new_tokens=settings.response_max_new_tokens
+        )
+        process = policy_processor(backend, limits, params, prefix + "rollouts")
     elif name == "critique":
         assert engine is not None
         source, record_type = "rollouts", records_pb2.RolloutRecord
@@ -189,7 +193,12 @@ def stream_stage(
         assert engine is not None
         source = settings.judge_input
         record_type = records_pb2.RevisionRecord if source == "revisions" else records_pb2.RolloutRecord
-        process = judge_processor(engine, limits, settings.k_principles, source, prefix + "preferences")
+        options = {
+            "k_principles": settings.k_principles,
+            "debias": settings.debias,
+            "cot": settings.chain_of_thought,
+        }
+        process = judge_processor(engine, limits, options, source, prefix + "preferences")
     stream = StreamSettings(
         bootstrap=settings.kafka,
         group=settings.kafka_group or stage_group(name, prefix),
@@ -197,5 +206,6 @@ def stream_stage(
         max_in_flight=settings.kafka_max_in_flight,
         max_attempts=settings.kafka_max_attempts,
         drain_s=settings.grace_s,
+        commit_interval_s=settings.kafka_commit_interval_s,
     )
-    return StreamStage(stream, name, record_type, process)
+    return StreamStage(stream, name, record_type, process, service.metrics)

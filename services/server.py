@@ -42,9 +42,14 @@ class RunningService:
     health: health.aio.HealthServicer
     backend: Backend
     port: int
-    metrics_port: int
+    metrics: Metrics
     grace_s: float
     engine: CAIEngine | None = None  # critique and judge
+
+    @property
+    def metrics_port(self) -> int:
+        assert self.metrics.port is not None
+        return self.metrics.port
 
     @property
     def address(self) -> str:
@@ -155,9 +160,7 @@ async def start_service(
             }
         },
     )
-    return RunningService(
-        name, server, health_servicer, backend, port, metrics_port, settings.grace_s, engine
-    )
+    return RunningService(name, server, health_servicer, backend, port, metrics, settings.grace_s, engine)
 
 
 async def serve(name: ServiceName, settings: ServiceSettings) -> None:
@@ -173,9 +176,7 @@ async def serve(name: ServiceName, settings: ServiceSettings) -> None:
     if settings.kafka:
         from services.processors import stream_stage
 
-        stream = asyncio.ensure_future(
-            stream_stage(name, settings, service.backend, service.engine).run(stopping)
-        )
+        stream = asyncio.ensure_future(stream_stage(service, settings).run(stopping))
         waits.append(stream)
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down", extra={"fields": {"service": name, "grace_s": settings.grace_s}})

@@ -60,16 +60,28 @@ class ServiceSettings(BaseSettings):
     kafka_prefix: str = Field(
         "", description="prefix of the topic names, to run several pipelines on one cluster"
     )
-    kafka_max_in_flight: int = Field(8, ge=1, description="records per partition between poll and commit")
+    kafka_max_in_flight: int = Field(
+        8, ge=1, description="records per partition processed at once (as many more are held waiting)"
+    )
     kafka_max_attempts: int = Field(
         3, ge=1, description="tries per record before it goes to the dead-letter topic"
     )
+    kafka_commit_interval_s: float = Field(
+        0.5, gt=0, description="seconds between offset commits (a crash replays up to this much work)"
+    )
     responses_per_prompt: int = Field(2, ge=1, description="policy stream: responses sampled per prompt")
+    response_max_new_tokens: int = Field(
+        96, ge=1, description="policy stream: length limit of the sampled responses"
+    )
     rounds: int = Field(1, ge=1, description="critique stream: critique/revision rounds per rollout")
     k_principles: int = Field(1, ge=1, description="judge stream: comparison principles per label")
     judge_input: Literal["rollouts", "revisions"] = Field(
         "rollouts",
         description="judge stream: rollouts (two sampled responses) or revisions (revision vs initial)",
+    )
+    debias: bool = Field(True, description="judge stream: judge both orderings of each pair")
+    chain_of_thought: bool = Field(
+        False, description="judge stream: reason before the label (labels clamped to [0.4, 0.6])"
     )
     grace_s: float = Field(30.0, ge=0, description="seconds in-flight calls get to finish on SIGTERM")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")

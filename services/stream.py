@@ -2,8 +2,9 @@
 output topic, at least once.
 
 Order of a record's life, and why:
-1. polled, counted in flight for its partition (a partition at `max_in_flight` is paused, so
-   memory stays bounded however far behind the stage is);
+1. polled and queued for its partition, which processes `max_in_flight` records at once; a
+   partition with as many more waiting is paused, so memory stays bounded however far behind the
+   stage is;
 2. decoded and processed, with retries for transient errors; a record that cannot be decoded or
    processed goes to `<topic>.dlq` with headers saying what went wrong, and counts as done;
 3. its outputs are produced (idempotent producer, acks=all) and acknowledged by the broker;
@@ -15,19 +16,19 @@ Order of a record's life, and why:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from google.protobuf.message import Message
 
 from cai.errors import CAIError, InvalidArgument, NotFound, Unavailable
 from cai.kafka import records
 from cai.kafka.topics import dlq
+from services.observability import Metrics
 
 log = logging.getLogger("cai.stream")
 
@@ -41,18 +42,25 @@ class StreamSettings:
     bootstrap: str
     group: str
     input_topic: str
-    max_in_flight: int = 8  # records per partition between poll and commit
+    max_in_flight: int = 8  # records per partition processed at once (as many more wait their turn)
     max_attempts: int = 3
     retry_backoff_s: float = 1.0
     drain_s: float = 30.0  # on shutdown, how long in-flight records get to finish
+    commit_interval_s: float = 0.5  # a crash replays at most about this long's worth of done records
+
+
+Key = tuple[str, int]  # topic, partition
+Record = Any  # a consumed confluent_kafka.Message: its stubs type every field as optional
 
 
 @dataclass
 class _Partition:
+    slots: asyncio.Semaphore  # records of this partition being processed at once
     offsets: list[int] = field(default_factory=list)  # polled and not yet committed, in order
     done: set[int] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     uncommitted: int | None = None  # a commit point not yet accepted by the broker
+    next_offset: int | None = None  # one past the newest polled record
 
     def commit_point(self) -> int | None:
         """The offset to commit: one past the longest done run from the oldest polled record."""
@@ -64,126 +72,199 @@ class _Partition:
 
 
 class StreamStage:
-    def __init__(self, settings: StreamSettings, stage: str, record_type: type[Message], process: Processor):
+    """All Kafka calls happen on the event loop's thread and never block it for long: consume()
+    and poll() are called with no timeout, and librdkafka serves its callbacks (rebalances,
+    deliveries, commits, logs) inside them. Threads would fight over the GIL for every message."""
+
+    def __init__(
+        self,
+        settings: StreamSettings,
+        stage: str,
+        record_type: type[Message],
+        process: Processor,
+        metrics: Metrics | None = None,
+    ):
         self.settings = settings
         self.stage = stage
         self.record_type = record_type
         self.process = process
-        self.partitions: dict[Any, _Partition] = {}
+        self.metrics = metrics
+        self.partitions: dict[Key, _Partition] = {}
         self.counts = {"processed": 0, "dead_lettered": 0, "retried": 0}
-        # kafka-python's consumer is not thread-safe: every consumer call runs on this one thread.
-        self._consumer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"cai-{stage}-consumer")
         self._consumer: Any = None
         self._producer: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._rewind: dict[Any, int] = {}  # revoked partition -> its first abandoned offset
+        self._paused: set[Key] = set()
+        self._committing = False
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    async def _on_consumer(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        assert self._loop is not None
-        return await self._loop.run_in_executor(self._consumer_thread, lambda: fn(*args, **kwargs))
-
     def _connect(self) -> None:
-        from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
-
+        """In a worker thread: the only blocking calls (creating the clients, waiting for the topic)."""
         s = self.settings
-        stage = self
-
-        class Listener(ConsumerRebalanceListener):  # runs inside poll(), on the consumer thread
-            def on_partitions_revoked(self, revoked: Any) -> None:
-                stage._revoke(revoked)
-
-            def on_partitions_assigned(self, assigned: Any) -> None:
-                log.info(
-                    "assigned", extra={"fields": {"stage": stage.stage, "partitions": str(sorted(assigned))}}
-                )
-
-        self._producer = KafkaProducer(
-            bootstrap_servers=s.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            client_id=f"cai-{self.stage}",
+        common = {
+            "bootstrap.servers": s.bootstrap,
+            "client.id": f"cai-{self.stage}",
+            "logger": logging.getLogger("cai.kafka.client"),
+            "error_cb": self._client_error,
+        }
+        self._producer = Producer({**common, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
+        self._consumer = Consumer(
+            {
+                **common,
+                "group.id": s.group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                # A resumed partition waits for the next fetch request: keep long-polls short.
+                "fetch.wait.max.ms": 50,
+                "on_commit": self._committed,
+            }
         )
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=s.bootstrap,
-            group_id=s.group,
-            client_id=f"cai-{self.stage}",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=s.max_in_flight,
-            metadata_max_age_ms=30_000,  # notice added partitions within 30 s
-        )
-        # The group's assignment uses the leader's metadata: a topic it has not seen yet gets no
-        # partitions, and kafka-python only rebalances at its next metadata refresh.
+        # A group formed before the broker knows the topic assigns nothing: wait for it.
         deadline = time.monotonic() + 30
-        while not self._consumer.partitions_for_topic(s.input_topic):
+        while True:
+            topic = self._consumer.list_topics(s.input_topic, timeout=10).topics.get(s.input_topic)
+            if topic is not None and topic.error is None and topic.partitions:
+                break
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"kafka: topic {s.input_topic!r} does not exist on {s.bootstrap}; "
                     "create it with `cai topics create`"
                 )
             time.sleep(0.5)
-        self._consumer.subscribe([s.input_topic], listener=Listener())
+        self._consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def _client_error(self, error: KafkaError) -> None:
+        # librdkafka retries connection errors itself (a broker restart shows up here): log them.
+        log.warning("kafka client error", extra={"fields": {"stage": self.stage, "error": str(error)}})
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until `stopping` is set, then drain, commit and close."""
-        self._loop = asyncio.get_running_loop()
-        await self._on_consumer(self._connect)
+        await asyncio.to_thread(self._connect)
         log.info(
             "stream started", extra={"fields": {"stage": self.stage, "topic": self.settings.input_topic}}
         )
+        last_commit, idle_s = time.monotonic(), 0.0
         try:
             while not stopping.is_set():
-                batch = await self._on_consumer(self._consumer.poll, timeout_ms=200)
-                for tp, items in batch.items():
-                    part = self.partitions.setdefault(tp, _Partition())
-                    for item in items:
-                        part.offsets.append(item.offset)
-                        task = asyncio.ensure_future(self._handle(tp, item))
-                        part.tasks.add(task)
-                        task.add_done_callback(part.tasks.discard)
-                await self._flow_control()
-                await self._commit()
+                events = self._producer.poll(0) + self._take(
+                    self._consumer.consume(self.settings.max_in_flight, 0)
+                )
+                if time.monotonic() - last_commit >= self.settings.commit_interval_s:
+                    last_commit = time.monotonic()
+                    self._commit()
+                    self._report_lag()
+                # Nothing happened: wait a little longer each time, up to 5 ms while records are
+                # in flight (their acks arrive through poll()) and 50 ms when the stage is idle.
+                busy = any(p.tasks for p in self.partitions.values())
+                idle_s = 0.0 if events else min(max(idle_s * 2, 0.0005), 0.005 if busy else 0.05)
+                await asyncio.sleep(idle_s)
         finally:
             await self._drain()
+
+    def _take(self, batch: list[Record]) -> int:
+        """Start a task per consumed record, then pause the partitions that are full."""
+        for item in batch:
+            if item.error() is not None:
+                log.warning(
+                    "consume error", extra={"fields": {"stage": self.stage, "error": str(item.error())}}
+                )
+                continue
+            key = (item.topic(), item.partition())
+            part = self.partitions.get(key) or self.partitions.setdefault(
+                key, _Partition(asyncio.Semaphore(self.settings.max_in_flight))
+            )
+            part.offsets.append(item.offset())
+            part.next_offset = item.offset() + 1
+            task = asyncio.ensure_future(self._handle(key, part, item))
+            part.tasks.add(task)
+            task.add_done_callback(part.tasks.discard)
+        for key in {(item.topic(), item.partition()) for item in batch}:
+            self._flow_control(key)
+        return len(batch)
+
+    def _flow_control(self, key: Key) -> None:
+        """`max_in_flight` records of a partition are processed at once and as many more wait
+        their turn: the partition is paused when that queue is full and resumed when it is empty.
+        (librdkafka drops what it prefetched for a paused partition and fetches it again after the
+        resume; the waiting records keep the stage busy meanwhile.)"""
+        part = self.partitions.get(key)
+        held = len(part.offsets) - len(part.done) if part is not None else 0
+        limit = self.settings.max_in_flight
+        if held >= 2 * limit and key not in self._paused:
+            self._consumer.pause([TopicPartition(*key)])
+            self._paused.add(key)
+        elif held <= limit and key in self._paused:
+            self._consumer.resume([TopicPartition(*key)])
+            self._paused.discard(key)
 
     async def _drain(self) -> None:
         tasks = [t for part in self.partitions.values() for t in part.tasks]
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.settings.drain_s)
-            for task in pending:  # abandoned: not done, so not committed; replayed after restart
+            deadline = time.monotonic() + self.settings.drain_s
+            while any(not t.done() for t in tasks) and time.monotonic() < deadline:
+                self._producer.poll(0)  # their acks come through here
+                await asyncio.sleep(0.005)
+            for task in tasks:  # abandoned: not done, so not committed; replayed after restart
                 task.cancel()
-        with contextlib.suppress(Exception):
-            await self._commit()
-        await self._on_consumer(self._consumer.close, autocommit=False)
-        await asyncio.to_thread(self._producer.flush)
-        await asyncio.to_thread(self._producer.close)
-        self._consumer_thread.shutdown(wait=False)
+        self._commit()
+        self._consumer.close()  # revokes the partitions: commits synchronously what is done
+        await asyncio.to_thread(self._producer.flush, self.settings.drain_s)
         log.info("stream stopped", extra={"fields": {"stage": self.stage, **self.counts}})
 
-    def _assign(self, assigned: Any) -> None:
-        """On the consumer thread. A partition we keep across a rebalance keeps its fetch position,
-        which is past the records abandoned at revocation: move it back to the first of them."""
-        for tp in assigned:
-            if tp in self._rewind:
-                self._consumer.seek(tp, self._rewind[tp])
-        self._rewind.clear()
-        self._drop_parked(assigned)
-        log.info("assigned", extra={"fields": {"stage": self.stage, "partitions": str(sorted(assigned))}})
+    # ---- rebalances (librdkafka calls these inside consume() or close()) ----------------------
+
+    def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+        # Eager rebalancing: every partition was revoked first, and each assigned one starts
+        # from its committed offset, so nothing abandoned at revocation is skipped.
+        consumer.assign(assigned)
+        log.info(
+            "assigned",
+            extra={"fields": {"stage": self.stage, "partitions": sorted(tp.partition for tp in assigned)}},
+        )
+
+    def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
+        """Commit what is done, abandon the rest (whoever owns the partition next replays it)."""
+        offsets = []
+        for tp in revoked:
+            key = (tp.topic, tp.partition)
+            part = self.partitions.pop(key, None)
+            if key in self._paused:  # pausing is ours to undo: the next owner may be us
+                consumer.resume([TopicPartition(*key)])
+                self._paused.discard(key)
+            if part is None:
+                continue
+            for task in part.tasks:
+                task.cancel()
+            point = part.commit_point() or part.uncommitted
+            if point is not None:
+                offsets.append(TopicPartition(*key, point))
+        if offsets:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:  # the group may already have moved on: replayed later
+                log.warning(
+                    "commit on revoke failed", extra={"fields": {"stage": self.stage, "error": str(exc)}}
+                )
 
     # ---- per record --------------------------------------------------------------------------
 
-    async def _handle(self, tp: Any, item: Any) -> None:
+    async def _handle(self, key: Key, part: _Partition, item: Record) -> None:
+        async with part.slots:
+            await self._process(item)
+        if self.partitions.get(key) is part:  # else revoked meanwhile: its next owner replays it
+            part.done.add(item.offset())
+            self._flow_control(key)
+
+    async def _process(self, item: Record) -> None:
+        """Decode, process and produce one record, with retries; or dead-letter it."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                message = records.decode(self.record_type, item.value, item.headers)
+                message = records.decode(self.record_type, item.value(), item.headers())
                 outputs = await self.process(message)
                 await self._produce(outputs)
-                self.counts["processed"] += 1
+                self._count("processed")
                 break
             except asyncio.CancelledError:
                 raise
@@ -191,140 +272,121 @@ class StreamStage:
                 if isinstance(exc, PERMANENT) or attempt >= self.settings.max_attempts:
                     await self._dead_letter(item, exc, attempt)
                     break
-                self.counts["retried"] += 1
+                self._count("retried")
                 log.warning(
                     "retrying",
                     extra={
                         "fields": {
                             "stage": self.stage,
-                            "offset": item.offset,
+                            "offset": item.offset(),
                             "attempt": attempt,
                             "error": str(exc),
                         }
                     },
                 )
                 await asyncio.sleep(self.settings.retry_backoff_s * attempt)
-        part = self.partitions.get(tp)
-        if part is not None:  # None: the partition was revoked meanwhile; its new owner replays it
-            part.done.add(item.offset)
+
+    def _count(self, outcome: str) -> None:
+        self.counts[outcome] += 1
+        if self.metrics is not None:
+            self.metrics.stream_records.labels(self.stage, outcome).inc()
 
     async def _produce(self, outputs: list[Output]) -> None:
         acks = []
         for topic, key, message in outputs:
             value, headers = records.encode(message)
-            acks.append(
-                self._acked(self._producer.send(topic, key=key.encode(), value=value, headers=headers))
-            )
+            acks.append(self._send(topic, key.encode(), value, headers))
         await asyncio.gather(*acks)
 
-    def _acked(self, sent: Any) -> asyncio.Future[Any]:
-        """The broker's acknowledgement of one send, which arrives on the producer's thread."""
-        assert self._loop is not None
-        loop, acked = self._loop, self._loop.create_future()
+    async def _send(self, topic: str, key: bytes | None, value: bytes | None, headers: Any) -> None:
+        """Produce one record and wait for the broker's acknowledgement."""
+        acked = asyncio.get_running_loop().create_future()
 
-        def settle(setter: Callable[[Any], None], value: Any) -> None:
-            loop.call_soon_threadsafe(lambda: None if acked.done() else setter(value))
+        def delivered(error: KafkaError | None, _: Record) -> None:  # inside poll()
+            if acked.done():
+                return
+            if error is None:
+                acked.set_result(None)
+            else:
+                acked.set_exception(KafkaException(error))
 
-        sent.add_callback(lambda metadata: settle(acked.set_result, metadata))
-        sent.add_errback(lambda error: settle(acked.set_exception, error))
-        return acked
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=delivered)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain it
+                await asyncio.sleep(0.05)
+        await acked
 
-    async def _dead_letter(self, item: Any, exc: Exception, attempt: int) -> None:
+    async def _dead_letter(self, item: Record, exc: Exception, attempt: int) -> None:
         error = str(exc) if isinstance(exc, CAIError) else f"{type(exc).__name__}: {exc}"
         headers = [
             ("error", error.encode()[:4096]),
             ("stage", self.stage.encode()),
             ("attempt", str(attempt).encode()),
-            ("original-topic", item.topic.encode()),
-            ("original-partition", str(item.partition).encode()),
-            ("original-offset", str(item.offset).encode()),
-            *[(k, v) for k, v in (item.headers or []) if k == records.SCHEMA_HEADER],
+            ("original-topic", item.topic().encode()),
+            ("original-partition", str(item.partition()).encode()),
+            ("original-offset", str(item.offset()).encode()),
+            *[(k, v) for k, v in (item.headers() or []) if k == records.SCHEMA_HEADER],
         ]
-        await self._acked(
-            self._producer.send(dlq(item.topic), key=item.key, value=item.value, headers=headers)
-        )
-        self.counts["dead_lettered"] += 1
+        await self._send(dlq(item.topic()), item.key(), item.value(), headers)
+        self._count("dead_lettered")
         log.warning(
             "dead-lettered",
             extra={
                 "fields": {
                     "stage": self.stage,
-                    "partition": item.partition,
-                    "offset": item.offset,
+                    "partition": item.partition(),
+                    "offset": item.offset(),
                     "error": error,
                 }
             },
         )
 
-    # ---- offsets and flow control -------------------------------------------------------------
+    # ---- offsets -------------------------------------------------------------------------------
 
-    async def _commit(self) -> None:
-        from kafka.errors import KafkaError
-        from kafka.structs import OffsetAndMetadata
-
-        offsets = {}
-        for tp, part in self.partitions.items():
+    def _commit(self) -> None:
+        """Commit, asynchronously, each partition's done run; `_committed` hears the answer."""
+        if self._committing:  # one commit at a time, so answers cannot arrive out of order
+            return
+        offsets = []
+        for key, part in self.partitions.items():
             point = part.commit_point()
             if point is not None:
                 part.uncommitted = point
             if part.uncommitted is not None:
-                offsets[tp] = OffsetAndMetadata(part.uncommitted, "", -1)
-        if not offsets:
+                offsets.append(TopicPartition(*key, part.uncommitted))
+        if offsets:
+            self._committing = True
+            try:
+                self._consumer.commit(offsets=offsets, asynchronous=True)
+            except KafkaException as exc:
+                self._committing = False
+                log.warning("commit failed", extra={"fields": {"stage": self.stage, "error": str(exc)}})
+
+    def _committed(self, error: KafkaError | None, offsets: list[TopicPartition]) -> None:
+        """librdkafka's answer to a commit. A failed one (e.g. while the broker restarts) keeps its
+        offsets, and the next round tries again."""
+        self._committing = False
+        if error is not None:
+            log.warning("commit failed", extra={"fields": {"stage": self.stage, "error": str(error)}})
             return
-        try:
-            await self._on_consumer(self._consumer.commit, offsets)
-        except KafkaError as exc:  # e.g. the broker restarts: keep the offsets and try again next round
-            log.warning("commit failed", extra={"fields": {"stage": self.stage, "error": str(exc)}})
-            return
-        for tp, committed in offsets.items():
-            kept = self.partitions.get(tp)
-            if kept is not None and kept.uncommitted == committed.offset:
+        for tp in offsets:
+            kept = self.partitions.get((tp.topic, tp.partition))
+            if tp.error is None and kept is not None and kept.uncommitted == tp.offset:
                 kept.uncommitted = None
 
-    async def _flow_control(self) -> None:
-        limit = self.settings.max_in_flight
-        full = [tp for tp, p in self.partitions.items() if len(p.offsets) - len(p.done) >= limit]
-        await self._on_consumer(self._set_paused, full)
-
-    def _set_paused(self, full: list[Any]) -> None:
-        paused = self._consumer.paused()
-        to_pause = [tp for tp in full if tp not in paused]
-        to_resume = [tp for tp in paused if tp not in full]
-        if to_pause:
-            self._consumer.pause(*to_pause)
-        if to_resume:
-            self._consumer.resume(*to_resume)
-            self._drop_parked(to_resume)
-
-    def _drop_parked(self, partitions: Any) -> None:
-        """kafka-python 3.0 parks records it fetched for a paused partition, and it can fail to give
-        them back after a resume or a rebalance (its restore waits for a slot that stays taken); it
-        then never fetches that partition again. Drop them: the position has not moved past them,
-        so they are fetched again."""
-        parked = getattr(getattr(self._consumer, "_fetcher", None), "_paused_partition_records", None)
-        if isinstance(parked, dict):
-            for tp in partitions:
-                parked.pop(tp, None)
-
-    def _revoke(self, revoked: Any) -> None:
-        """On the consumer thread: commit what is done, abandon the rest (whoever owns the partition
-        next replays it)."""
-        from kafka.structs import OffsetAndMetadata
-
-        offsets = {}
-        self._rewind.clear()
-        for tp in revoked:
-            part = self.partitions.pop(tp, None)
-            if part is None:
-                continue
-            point = part.commit_point() or part.uncommitted
-            if point is not None:
-                offsets[tp] = OffsetAndMetadata(point, "", -1)
-            if part.offsets:
-                self._rewind[tp] = part.offsets[0]
-            assert self._loop is not None
-            for task in list(part.tasks):
-                self._loop.call_soon_threadsafe(task.cancel)
-        if offsets:
-            with contextlib.suppress(Exception):  # the group may already have moved on
-                self._consumer.commit(offsets)
+    def _report_lag(self) -> None:
+        """Prometheus: records behind the end of each partition, counted from the oldest one not
+        done yet (what a restart would replay)."""
+        if self.metrics is None:
+            return
+        in_flight = 0
+        for (topic, partition), part in self.partitions.items():
+            # cached: the end offset the last fetch response reported, no request to the broker
+            _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            start = part.offsets[0] if part.offsets else part.next_offset
+            if high >= 0 and start is not None:
+                self.metrics.stream_lag.labels(self.stage, topic, str(partition)).set(max(0, high - start))
+            in_flight += len(part.offsets) - len(part.done)
+        self.metrics.stream_in_flight.labels(self.stage).set(in_flight)

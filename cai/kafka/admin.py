@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -209,27 +209,36 @@ class PipelineStatus:
 Key = tuple[str, int]  # topic, partition
 
 # The first group lookup on a fresh broker creates __consumer_offsets; until that is ready the
-# group's coordinator is "not available".
-_COORDINATOR_STARTING = (
+# group's coordinator is "not available". Just after a topic is created or a broker restarts, a
+# partition's leader may not be known yet. Both pass within seconds: ask again.
+_STARTING = (
     KafkaError.COORDINATOR_NOT_AVAILABLE,
     KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
     KafkaError.NOT_COORDINATOR,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
 )
+T = TypeVar("T")
+
+
+def _retrying(request: Callable[[], T]) -> T:
+    deadline = time.monotonic() + _TIMEOUT_S
+    while True:
+        try:
+            return request()
+        except KafkaException as exc:
+            if exc.args[0].code() not in _STARTING or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _group_offsets(admin: AdminClient, group: str) -> dict[Key, int]:
-    deadline = time.monotonic() + _TIMEOUT_S
-    while True:
-        # One group per request: that is all librdkafka's ListConsumerGroupOffsets takes.
-        request = [ConsumerGroupTopicPartitions(group)]
-        future = admin.list_consumer_group_offsets(request, request_timeout=_TIMEOUT_S)[group]
-        try:
-            found = future.result()
-            break
-        except KafkaException as exc:
-            if exc.args[0].code() not in _COORDINATOR_STARTING or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    # One group per request: that is all librdkafka's ListConsumerGroupOffsets takes.
+    found = _retrying(
+        lambda: admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group)], request_timeout=_TIMEOUT_S
+        )[group].result()
+    )
     # A negative offset means nothing committed for that partition; a group that does not exist
     # has no partitions.
     return {(tp.topic, tp.partition): tp.offset for tp in found.topic_partitions or [] if tp.offset >= 0}
@@ -237,8 +246,12 @@ def _group_offsets(admin: AdminClient, group: str) -> dict[Key, int]:
 
 def _offsets(admin: AdminClient, keys: Sequence[Key], spec: OffsetSpec) -> dict[Key, int]:
     """The earliest or latest offset of each partition, in one request per partition leader."""
-    futures = admin.list_offsets({TopicPartition(*key): spec for key in keys}, request_timeout=_TIMEOUT_S)
-    return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
+
+    def request() -> dict[Key, int]:
+        futures = admin.list_offsets({TopicPartition(*key): spec for key in keys}, request_timeout=_TIMEOUT_S)
+        return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
+
+    return _retrying(request)
 
 
 def pipeline_status(
