@@ -211,11 +211,15 @@ def timestamps(bootstrap: str, topic: str, expected: int, timeout: float) -> dic
 
 async def latency_run(bootstrap: str, prefix: str, prompts: list[PromptRecord], rate: float) -> list[float]:
     async with stages(bootstrap, prefix, ("policy", "judge"), FakeBackend(), max_n=2):
+        # Steady state only: one prompt first, through both stages, while the groups form.
+        warm_up = [PromptRecord("warm-up", "Say hello.")]
+        await asyncio.to_thread(produce_steadily, bootstrap, prefix, warm_up, rate)
+        await asyncio.to_thread(timestamps, bootstrap, prefix + "preferences", 1, 60)
         await asyncio.to_thread(produce_steadily, bootstrap, prefix, prompts, rate)
-        sent = await asyncio.to_thread(timestamps, bootstrap, prefix + "prompts", len(prompts), 60)
-        judged = await asyncio.to_thread(timestamps, bootstrap, prefix + "preferences", len(prompts), 120)
-    assert len(judged) == len(prompts), f"only {len(judged)} of {len(prompts)} prompts were judged"
-    return [judged[key] - sent[key] for key in sent]
+        sent = await asyncio.to_thread(timestamps, bootstrap, prefix + "prompts", len(prompts) + 1, 60)
+        judged = await asyncio.to_thread(timestamps, bootstrap, prefix + "preferences", len(prompts) + 1, 120)
+    assert len(judged) == len(sent) == len(prompts) + 1, f"{len(judged)} of {len(sent)} prompts were judged"
+    return [judged[key] - sent[key] for key in sent if key != b"warm-up"]
 
 
 def bench_latency(rate: float, seconds: float) -> dict[str, Any]:

@@ -330,7 +330,11 @@ def main() -> None:
     group = parser.add_argument_group("kafka benchmarks")
     group.add_argument("--kafka-records", type=int, default=20000, help="kafka-ceiling: prompts")
     group.add_argument(
-        "--kafka-in-flight", type=int, nargs="+", default=[8, 64], help="kafka-ceiling: max_in_flight values"
+        "--kafka-in-flight",
+        type=int,
+        nargs="+",
+        default=[8, 64, 512],
+        help="kafka-ceiling: max_in_flight values",
     )
     group.add_argument("--kafka-rate", type=float, default=50.0, help="kafka-latency: prompts per second")
     group.add_argument("--kafka-seconds", type=float, default=20.0, help="kafka-latency: seconds of prompts")

@@ -45,6 +45,7 @@ class RunningService:
     metrics: Metrics
     grace_s: float
     engine: CAIEngine | None = None  # critique and judge
+    owns_backend: bool = True  # False: the caller passed the backend in, and closes it
 
     @property
     def metrics_port(self) -> int:
@@ -59,7 +60,8 @@ class RunningService:
         """Report NOT_SERVING, refuse new calls, give in-flight calls the grace period, then close."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.grace_s if grace_s is None else grace_s)
-        await self.backend.close()
+        if self.owns_backend:
+            await self.backend.close()
 
 
 def _read(path: object, what: str) -> bytes:
@@ -86,11 +88,13 @@ def _credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
 async def start_service(
     name: ServiceName, settings: ServiceSettings, backend: Backend | None = None
 ) -> RunningService:
-    """Start one service; `backend` replaces the one `settings.backend` names (tests, shared models)."""
+    """Start one service; `backend` replaces the one `settings.backend` names (tests, shared models)
+    and stays open when the service stops."""
     credentials = _credentials(settings)
     if name == "policy" and settings.backend.startswith("policy:") and backend is None:
         raise InvalidArgument("backend: the policy service cannot use another policy service as its backend")
     metrics = Metrics(name)
+    owned = backend is None
     backend = MeteredBackend(backend or make_backend(settings.backend, settings), metrics)
     await backend.start()
     limits = limits_of(settings)
@@ -160,7 +164,9 @@ async def start_service(
             }
         },
     )
-    return RunningService(name, server, health_servicer, backend, port, metrics, settings.grace_s, engine)
+    return RunningService(
+        name, server, health_servicer, backend, port, metrics, settings.grace_s, engine, owns_backend=owned
+    )
 
 
 async def serve(name: ServiceName, settings: ServiceSettings) -> None:

@@ -76,12 +76,14 @@ async def loopback_stages(backend: Backend, constitution: Constitution) -> Async
     roomy = {"port": 0, "metrics_port": 0, "max_prompt_tokens": 8192, "max_new_tokens": 1024, "max_n": 16}
     running: list[RunningService] = []
     clients: list[AsyncClient] = []
+    remotes: list[PolicyServiceBackend] = []
     try:
         policy = await start_service("policy", load_settings("policy", None, **roomy), backend)
         running.append(policy)
         for name in ("critique", "judge"):
             settings = load_settings(name, None, constitution=constitution.source, **roomy)
-            running.append(await start_service(name, settings, PolicyServiceBackend(policy.address)))
+            remotes.append(PolicyServiceBackend(policy.address))
+            running.append(await start_service(name, settings, remotes[-1]))
         clients = [AsyncClient(service.address, timeout=600) for service in running]
         stages = ServiceStages(clients[0], clients[1], clients[2], constitution)
         stages.model_id = (await clients[0].info()).model_id
@@ -91,3 +93,5 @@ async def loopback_stages(backend: Backend, constitution: Constitution) -> Async
             await client.close()
         for service in reversed(running):
             await service.stop(0)
+        for remote in remotes:
+            await remote.close()

@@ -42,6 +42,7 @@ async def model_stack(default_model, make_settings):
     yield running
     for service in running.values():
         await service.stop(0)
+        await service.backend.close()  # passed in, so the service leaves it open
 
 
 @pytest.fixture(scope="module")
