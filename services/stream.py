@@ -170,9 +170,9 @@ class StreamStage:
                 )
                 continue
             key = (item.topic(), item.partition())
-            part = self.partitions.get(key) or self.partitions.setdefault(
-                key, _Partition(asyncio.Semaphore(self.settings.max_in_flight))
-            )
+            part = self.partitions.get(key)
+            if part is None:
+                part = self.partitions[key] = _Partition(asyncio.Semaphore(self.settings.max_in_flight))
             part.offsets.append(item.offset())
             part.next_offset = item.offset() + 1
             task = asyncio.ensure_future(self._handle(key, part, item))
