@@ -392,8 +392,16 @@ def _add_kafka_commands() -> None:
         main.add_command(command)
 
 
+def _add_trainer_commands() -> None:
+    from trainer.cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
 _add_service_commands()
 _add_kafka_commands()
+_add_trainer_commands()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,140 @@
+"""`cai train`: SFT or soft-label DPO on a `cai up` run folder.
+
+Every `TrainConfig` field is a flag (`--micro-batch-size`, `--lora/--no-lora`, ...), generated
+from the dataclass so the two cannot drift; flags that are given win over `--config FILE`.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import click
+
+from trainer.config import TrainConfig, field_docs
+
+
+def _option_type(hint: Any) -> Any:
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        (hint,) = [a for a in get_args(hint) if a is not type(None)]
+        origin = get_origin(hint)
+    if origin is Literal:
+        return click.Choice([str(a) for a in get_args(hint)])
+    return {int: int, float: float}.get(hint, str)  # lists: comma-separated strings
+
+
+def _config_options(command: Any) -> Any:
+    """One flag per TrainConfig field, each defaulting to 'not given'."""
+    hints = typing.get_type_hints(TrainConfig)
+    helps = {name: (help_text, default) for name, _, default, help_text in field_docs()}
+    for f in reversed(fields(TrainConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        help_text, default = helps[f.name]
+        help_text = f"{help_text} [default: {default}]"
+        if hints[f.name] is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+        else:
+            kind = _option_type(hints[f.name])
+            option = click.option(flag, f.name, type=kind, default=None, help=help_text)
+        command = option(command)
+    return command
+
+
+class _WarningLines(logging.Handler):
+    """The trainer's warnings (a skipped checkpoint, a duplicate sample) as `warning:` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.text import Text
+
+        from cai.cli import err_console
+
+        err_console.print(Text.assemble(("warning: ", "yellow"), record.getMessage()), soft_wrap=True)
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="YAML file of TrainConfig fields; flags given here override it.",
+)
+@_config_options
+def train(config_file: Path | None, **flags: Any) -> None:
+    """Train the policy on a `cai up` run folder: sft on sft.jsonl, or soft-label dpo on
+    preferences.jsonl. Rerunning with the same --output-dir resumes from its newest checkpoint;
+    SIGTERM stops after the current step with a checkpoint."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cai.cli import _quiet_transformers, console
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if config_file is not None:
+        config = TrainConfig.from_yaml(config_file, given)
+    else:
+        config = TrainConfig.from_dict(given, "flags")
+    config.check_ready()
+    _quiet_transformers()
+    logger = logging.getLogger("cai.trainer")
+    logger.addHandler(_WarningLines(level=logging.WARNING))
+    logger.setLevel(logging.WARNING)
+
+    from trainer.train import Trainer
+
+    with console.status(f"loading {config.model}"):
+        trainer = Trainer(config)
+    console.print(
+        f"{config.mode} on {config.data_file} ({len(trainer.samples)} samples), "
+        f"{f'LoRA r={config.lora_r}' if config.lora else 'full fine-tuning'}, "
+        f"{trainer.device}, {trainer.total_steps} steps of {config.samples_per_step} samples"
+        + (f", resumed at step {trainer.resumed_from}" if trainer.resumed_from is not None else ""),
+        highlight=False,
+    )
+    columns = (
+        TextColumn("step"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=trainer.total_steps, completed=trainer.step, loss="-")
+        result = trainer.train(
+            lambda step: progress.update(task, completed=step.step, loss=f"{step.metrics['loss']:.4f}")
+        )
+    _print_summary(config, result)
+
+
+def _print_summary(config: TrainConfig, result: Any) -> None:
+    from rich.table import Table
+
+    from cai.cli import console
+
+    table = Table("", "", title=f"cai train summary ({config.mode})", show_header=False)
+    rows = [
+        ("steps", f"{result.steps} / {result.total_steps}"),
+        ("resumed from step", "-" if result.resumed_from is None else str(result.resumed_from)),
+        ("samples this run", str(result.samples)),
+        ("duplicates skipped", str(result.duplicates)),
+        ("sequences truncated", str(result.truncated)),
+        ("duration", f"{result.duration_s:.1f} s"),
+    ]
+    for key in ("loss", "margin", "accuracy", "kl", "lr", "grad_norm"):
+        if key in result.last:
+            rows.append((f"last {key}", f"{result.last[key]:.4g}"))
+    rows.append(("checkpoint", str(result.checkpoint or "-")))
+    rows.append(("model", str(result.model_dir or "- (stopped early; rerun to finish)")))
+    rows.append(("log", str(Path(config.output_dir) / "log.jsonl")))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    if result.stopped:
+        console.print(f"stopped by SIGTERM after step {result.steps}; rerun the same command to resume")
+
+
+COMMANDS = [train]

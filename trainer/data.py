@@ -1,0 +1,196 @@
+"""Training samples: reading a `cai up` run folder, the sample source, tokenizing and batching.
+
+`sft.jsonl` and `preferences.jsonl` hold TRL's conversational formats (see cai/pipeline.py):
+`prompt` is a chat (a list of messages) and `completion`, `chosen` and `rejected` are the
+assistant turn that follows it. The prompt is rendered with the tokenizer's chat template and
+generation prompt; the completion is what the template adds after that, end-of-turn included, so
+the model learns to stop. Only completion tokens count in the losses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from cai.backends.base import plain_chat
+from cai.errors import InvalidArgument, NotFound
+from trainer.loss import IGNORE
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Sample:
+    sample_id: str
+    where: str  # file:line, for errors and audit
+    prompt: Conversation
+    completions: tuple[Conversation, ...]  # sft: (completion,); dpo: (chosen, rejected)
+    p_chosen: float  # the judge's soft label; 1.0 for sft, where it is unused
+
+
+def _messages(value: Any, key: str, where: str, assistant: bool) -> Conversation:
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument(f"{where}: {key}: expected a non-empty list of chat messages")
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise InvalidArgument(f"{where}: {key}[{i}]: expected {{'role': str, 'content': str}}")
+        if assistant and m["role"] != "assistant":
+            raise InvalidArgument(f"{where}: {key}[{i}].role: expected 'assistant', got {m['role']!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def load_samples(path: Path, mode: str) -> list[Sample]:
+    """Every record of a run folder's JSONL file; a bad line stops with its file:line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise NotFound(f"data: cannot read {path}: {exc.strerror}") from exc
+    keys = ("completion",) if mode == "sft" else ("chosen", "rejected")
+    samples = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"{where}: invalid JSON: {exc.msg}") from exc
+        if not isinstance(row, dict):
+            raise InvalidArgument(f"{where}: expected a JSON object")
+        sample_id = row.get("sample_id")
+        if not isinstance(sample_id, str) or not sample_id:
+            raise InvalidArgument(f"{where}: sample_id: must be a non-empty string")
+        prompt = _messages(row.get("prompt"), "prompt", where, assistant=False)
+        completions = tuple(_messages(row.get(k), k, where, assistant=True) for k in keys)
+        p = row.get("p_chosen", 1.0) if mode == "dpo" else 1.0
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1:
+            raise InvalidArgument(f"{where}: p_chosen: must be a number in [0, 1], got {p!r}")
+        samples.append(Sample(sample_id, where, prompt, completions, float(p)))
+    if not samples:
+        raise InvalidArgument(f"data: {path} holds no samples")
+    return samples
+
+
+class Source(Protocol):
+    """Where samples come from. `state()` goes into every checkpoint and `restore()` takes it back,
+    so a resumed run continues at the next sample. The file source's state is an epoch and index;
+    a stream source would keep its partition offsets."""
+
+    epoch: int  # the de-duplication set is per epoch; a stream stays in epoch 0
+
+    def next(self) -> Sample | None:
+        """The next sample, or None when the source is exhausted."""
+        ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def restore(self, state: dict[str, Any]) -> None: ...
+
+
+class FileSource:
+    """A run folder's samples in a seeded shuffled order, one fresh order per epoch."""
+
+    def __init__(self, samples: list[Sample], seed: int, epochs: int | None):
+        self.samples = samples
+        self.seed = seed
+        self.epochs = epochs  # None: cycle until the trainer stops (max_steps)
+        self.epoch = 0
+        self.index = 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.samples)))
+        # A private generator: the order depends on the seed and epoch only, not on what else
+        # drew random numbers, so it is the same after a resume.
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def next(self) -> Sample | None:
+        if self.index == len(self._order):
+            if self.epochs is not None and self.epoch + 1 >= self.epochs:
+                return None
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._shuffled(self.epoch)
+        sample = self.samples[self._order[self.index]]
+        self.index += 1
+        return sample
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "file", "epoch": self.epoch, "index": self.index, "samples": len(self.samples)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "file" or state.get("samples") != len(self.samples):
+            raise InvalidArgument(
+                f"checkpoint: its source state {state} does not match this data "
+                f"({len(self.samples)} samples); use a new output_dir to train on other data"
+            )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._shuffled(self.epoch)
+
+
+# ---- tokenizing and batching --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    prompt_len: int  # the first prompt_len ids are the prompt: masked in the labels
+    truncated: bool
+
+
+def render(tokenizer: Any, prompt: Conversation, completion: Conversation) -> tuple[str, str]:
+    """(prompt text, completion text) under the tokenizer's chat template."""
+    if not tokenizer.chat_template:
+        text = "".join(" " + m["content"].strip() for m in completion)
+        return plain_chat(prompt), text + (tokenizer.eos_token or "")
+    head = str(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False))
+    full = str(tokenizer.apply_chat_template(prompt + completion, tokenize=False))
+    if not full.startswith(head):
+        raise InvalidArgument(
+            "model: its chat template renders a conversation differently from its prompt, "
+            "so the completion tokens cannot be told apart"
+        )
+    return head, full[len(head) :]
+
+
+def encode(tokenizer: Any, prompt: Conversation, completion: Conversation, max_length: int) -> Encoded:
+    head, tail = render(tokenizer, prompt, completion)
+    # Tokenized apart, so the prompt/completion boundary is exact; the template's text already
+    # holds its special tokens.
+    p = list(tokenizer(head, add_special_tokens=False)["input_ids"])
+    c = list(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    truncated = len(p) + len(c) > max_length
+    if truncated:
+        if len(p) > max_length // 2:
+            p = p[-(max_length // 2) :]  # the end of the prompt is what the answer follows
+        c = c[: max_length - len(p)]
+    return Encoded(p + c, len(p), truncated)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # input ids, IGNORE on the prompt and the padding
+
+    def to(self, device: str | torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def collate(items: list[Encoded], pad_id: int) -> Batch:
+    """Right-padded tensors; the labels keep only the completion tokens."""
+    width = max(len(e.ids) for e in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for row, e in enumerate(items):
+        n = len(e.ids)
+        ids[row, :n] = torch.tensor(e.ids)
+        mask[row, :n] = 1
+        labels[row, e.prompt_len : n] = ids[row, e.prompt_len : n]
+    return Batch(ids, mask, labels)

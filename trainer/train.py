@@ -1,0 +1,409 @@
+"""The training loop: micro-batches, gradient accumulation, AdamW, warmup and decay, clipping,
+JSON-lines logging, checkpoints and exact resume.
+
+One optimizer step takes `micro_batch_size * gradient_accumulation_steps` samples from the
+source. Its loss is the mean over those samples (dpo: per pair; sft: per completion token), so
+the result does not depend on how the step is split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cai.errors import InvalidArgument
+from trainer.checkpoint import latest_valid, prune, rng_state, set_rng_state, write_checkpoint
+from trainer.config import TrainConfig
+from trainer.data import Encoded, FileSource, Sample, Source, collate, encode, load_samples
+from trainer.loss import DPOOutput, sequence_logps, soft_dpo_loss
+
+log = logging.getLogger("cai.trainer")
+
+WEIGHTS = {True: "adapter.safetensors", False: "model.safetensors"}  # by config.lora
+STATE = "state.json"
+TRAINING_STATE = "training_state.pt"
+
+
+@dataclass
+class StepResult:
+    step: int
+    metrics: dict[str, Any]  # the log.jsonl line of this step
+    sample_ids: list[str]
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps done in total, resumed ones included
+    total_steps: int
+    resumed_from: int | None  # the step of the checkpoint this run started from
+    stopped: bool  # by SIGTERM, after writing a checkpoint
+    samples: int  # samples trained on in this run
+    duplicates: int  # samples skipped because their id was already trained this epoch
+    truncated: int  # sequences cut to max_length
+    duration_s: float
+    checkpoint: Path | None
+    model_dir: Path | None  # the final adapter or model, written when the run finishes
+    last: dict[str, Any] = field(default_factory=dict)  # the last step's metrics
+
+
+def lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier for the optimizer step after `done` completed ones."""
+
+    def factor(done: int) -> float:
+        if done < config.warmup_steps:
+            return (done + 1) / (config.warmup_steps + 1)
+        if config.lr_scheduler == "constant":
+            return 1.0
+        progress = (done - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        progress = min(progress, 1.0)
+        if config.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor
+
+
+class Trainer:
+    """Builds the model, optimizer and source from a `TrainConfig`, resuming from the newest
+    complete checkpoint in `output_dir` when there is one."""
+
+    def __init__(self, config: TrainConfig):
+        config.check_ready()
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.samples = samples = load_samples(config.data_file, config.mode)
+        # With max_steps the data cycles (new order per epoch) until the steps are done.
+        self.source: Source = FileSource(samples, config.seed, None if config.max_steps else config.epochs)
+        self.total_steps = config.max_steps or math.ceil(
+            len(samples) * config.epochs / config.samples_per_step
+        )
+        self.step = 0
+        self.trained_ids: set[str] = set()  # de-duplication: ids trained in the current epoch
+        self.samples_seen = 0
+        self.duplicates = 0
+        self.truncated = 0
+        self._build_model()
+        self.resumed_from: int | None = None
+        if (folder := latest_valid(self.out)) is not None:
+            self._resume(folder)
+
+    # ---- setup --------------------------------------------------------------------------
+
+    def _build_model(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from cai.backends.transformers import default_device, resolve_dtype
+        from cai.models import resolve_model
+
+        c = self.config
+        random.seed(c.seed)
+        torch.manual_seed(c.seed)  # LoRA's initial weights and the dropout masks
+        self.device = c.device or default_device()
+        dtype = resolve_dtype(c.dtype, self.device)
+        path = resolve_model(c.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        self.reference: torch.nn.Module | None = None
+        if c.lora:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                task_type="CAUSAL_LM",
+                r=c.lora_r,
+                lora_alpha=c.lora_alpha,
+                lora_dropout=c.lora_dropout,
+                target_modules=c.lora_target_modules,
+            )
+            try:
+                self.model: Any = get_peft_model(base, lora)
+            except ValueError as exc:  # peft names the modules it could not find
+                raise InvalidArgument(f"lora_target_modules: {exc}") from exc
+        else:
+            self.model = base
+            if c.mode == "dpo":
+                # Full fine-tuning changes the base weights, so DPO needs a frozen copy as the
+                # reference: a second set of weights in memory.
+                reference: torch.nn.Module = copy.deepcopy(base)
+                self.reference = reference.to(self.device).eval().requires_grad_(False)
+        self.model.to(self.device).train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(c, self.total_steps))
+
+    def _resume(self, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file, load_model
+
+        state = json.loads((folder / STATE).read_text())
+        for key in ("mode", "lora", "model"):
+            if state["config"][key] != getattr(self.config, key):
+                raise InvalidArgument(
+                    f"{key}: {folder} was trained with {key}={state['config'][key]!r}, this run has "
+                    f"{getattr(self.config, key)!r}; use a new output_dir"
+                )
+        weights = folder / WEIGHTS[self.config.lora]
+        if self.config.lora:
+            set_peft_model_state_dict(self.model, load_file(weights, device=str(self.device)))
+        else:
+            load_model(self.model, weights, device=str(self.device))
+        training = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        set_rng_state(training["rng"])
+        self.source.restore(state["source_state"])
+        self.step = state["step"]
+        self.trained_ids = set(state["trained_ids"])
+        self.resumed_from = self.step
+        self._truncate_log()
+        log.info("resumed from %s", folder)
+
+    def _truncate_log(self) -> None:
+        """Drop log lines of steps after the checkpoint: they are trained again."""
+        path = self.out / "log.jsonl"
+        if path.is_file():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass  # a line cut short by a crash
+            path.write_text("".join(line + "\n" for line in keep))
+
+    # ---- one step -----------------------------------------------------------------------
+
+    def _take(self) -> list[Sample]:
+        """The next step's samples, skipping ids already trained in this epoch."""
+        taken: list[Sample] = []
+        while len(taken) < self.config.samples_per_step:
+            epoch = self.source.epoch
+            sample = self.source.next()
+            if sample is None:
+                break
+            if self.source.epoch != epoch:
+                self.trained_ids.clear()
+            if sample.sample_id in self.trained_ids:
+                self.duplicates += 1
+                log.warning("skipping %s (%s): sample id already trained", sample.sample_id, sample.where)
+                continue
+            self.trained_ids.add(sample.sample_id)
+            taken.append(sample)
+        return taken
+
+    def _encode(self, sample: Sample) -> list[Encoded]:
+        max_length = self.config.max_length
+        encoded = [encode(self.tokenizer, sample.prompt, c, max_length) for c in sample.completions]
+        self.truncated += sum(e.truncated for e in encoded)
+        return encoded
+
+    def _logps(self, model: Any, items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = collate(items, self.pad_id).to(self.device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        return sequence_logps(logits, batch.labels)
+
+    def _reference_logps(self, items: list[Encoded]) -> torch.Tensor:
+        with torch.no_grad():
+            if self.reference is not None:
+                return self._logps(self.reference, items)[0]
+            # The reference is the base model: the same weights with the adapter switched off,
+            # so no second copy is needed.
+            with self.model.disable_adapter():
+                return self._logps(self.model, items)[0]
+
+    def _optimizer_step(self, samples: list[Sample]) -> dict[str, Any]:
+        c = self.config
+        started = time.perf_counter()
+        encoded = [self._encode(s) for s in samples]
+        size = c.micro_batch_size
+        micro = [range(i, min(i + size, len(samples))) for i in range(0, len(samples), size)]
+        metrics: dict[str, Any] = {}
+        tokens = sum(len(e.ids) - e.prompt_len for pair in encoded for e in pair)
+        loss_sum = 0.0
+        if c.mode == "sft":
+            for rows in micro:
+                logps, _ = self._logps(self.model, [encoded[i][0] for i in rows])
+                loss = -logps.sum() / tokens  # mean token NLL over the whole step
+                loss.backward()
+                loss_sum += float(loss.detach())
+        else:
+            parts: list[DPOOutput] = []
+            for rows in micro:
+                items = [encoded[i][0] for i in rows] + [encoded[i][1] for i in rows]
+                policy = self._logps(self.model, items)[0]
+                ref = self._reference_logps(items)
+                n = len(rows)
+                p = torch.tensor([samples[i].p_chosen for i in rows], device=policy.device)
+                out = soft_dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], p, c.beta)
+                (out.per_pair.sum() / len(samples)).backward()
+                loss_sum += float(out.per_pair.detach().sum()) / len(samples)
+                parts.append(out)
+
+            def cat(name: str) -> torch.Tensor:
+                return torch.cat([getattr(o, name).detach() for o in parts])
+
+            merged = DPOOutput(
+                *(cat("per_pair").mean(), cat("per_pair"), cat("margin")),
+                *(cat("chosen_rewards"), cat("rejected_rewards"), cat("log_ratio")),
+            )
+            metrics |= merged.metrics()
+            metrics["p_chosen"] = sum(s.p_chosen for s in samples) / len(samples)
+        max_norm = c.max_grad_norm if c.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_seen += len(samples)
+        elapsed = time.perf_counter() - started
+        return {
+            "step": self.step,
+            "epoch": self.source.epoch,
+            "loss": loss_sum,
+            **metrics,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "samples": len(samples),
+            "tokens": tokens,
+            "samples_per_s": len(samples) / elapsed,
+            "sample_ids": [s.sample_id for s in samples],
+        }
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file, save_model
+
+        def write(folder: Path) -> None:
+            weights = folder / WEIGHTS[self.config.lora]
+            if self.config.lora:
+                tensors = get_peft_model_state_dict(self.model)
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, weights)
+            else:
+                save_model(self.model, str(weights))  # handles tied embeddings
+            training = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+            }
+            torch.save(training, folder / TRAINING_STATE)
+            state = {
+                "step": self.step,
+                "source_state": self.source.state(),
+                "trained_ids": sorted(self.trained_ids),
+                "config": self.config.to_dict(),
+            }
+            (folder / STATE).write_text(json.dumps(state, indent=2) + "\n")
+
+        path = write_checkpoint(self.out, self.step, write)
+        prune(self.out, self.config.keep_checkpoints)
+        return path
+
+    def export(self) -> Path:
+        """The final adapter (or full model) and tokenizer, loadable with peft/transformers."""
+        target = self.out / "model"
+        staging = self.out / "model.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(staging, target)
+        return target
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _sigterm(self) -> Iterator[None]:
+        """SIGTERM asks to stop after the current optimizer step, with a checkpoint."""
+        self.stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def request_stop(signum: int, frame: object) -> None:
+            self.stop_requested = True
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def train(self, on_step: Callable[[StepResult], None] | None = None) -> TrainResult:
+        c = self.config
+        started = time.time()
+        first_step = self.step
+        checkpoint: Path | None = None
+        last: dict[str, Any] = {}
+        self.samples_seen = 0
+        with self._sigterm(), (self.out / "log.jsonl").open("a", encoding="utf-8") as log_file:
+            while self.step < self.total_steps and not self.stop_requested:
+                samples = self._take()
+                if not samples:
+                    break  # the source is exhausted (only when duplicates were skipped)
+                last = self._optimizer_step(samples)
+                if self.step % c.log_every == 0 or self.step == self.total_steps:
+                    log_file.write(json.dumps({**last, "elapsed_s": round(time.time() - started, 3)}) + "\n")
+                    log_file.flush()
+                if on_step is not None:
+                    on_step(StepResult(self.step, last, last["sample_ids"]))
+                if self.step % c.checkpoint_every == 0:
+                    checkpoint = self.save_checkpoint()
+        if self.step > first_step and (checkpoint is None or not checkpoint.name.endswith(f"-{self.step}")):
+            checkpoint = self.save_checkpoint()
+        finished = not self.stop_requested
+        return TrainResult(
+            steps=self.step,
+            total_steps=self.total_steps,
+            resumed_from=self.resumed_from,
+            stopped=self.stop_requested,
+            samples=self.samples_seen,
+            duplicates=self.duplicates,
+            truncated=self.truncated,
+            duration_s=time.time() - started,
+            checkpoint=checkpoint,
+            model_dir=self.export() if finished else None,
+            last={k: v for k, v in last.items() if k != "sample_ids"},
+        )
+
+
+def evaluate_loss(trainer: Trainer, samples: list[Sample]) -> float:
+    """The mean training loss over `samples` without changing anything (dpo: per pair; sft: per
+    token). Used by the tests to see that training lowers the loss on its data."""
+    c = trainer.config
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in samples:
+            encoded = [encode(trainer.tokenizer, s.prompt, comp, c.max_length) for comp in s.completions]
+            logps, n = trainer._logps(model, encoded)
+            if c.mode == "sft":
+                total, count = total - float(logps.sum()), count + int(n.sum())
+            else:
+                ref = trainer._reference_logps(encoded)
+                p = torch.tensor([s.p_chosen], device=logps.device)
+                out = soft_dpo_loss(logps[:1], logps[1:], ref[:1], ref[1:], p, c.beta)
+                total, count = total + float(out.loss), count + 1
+    model.train(was_training)
+    return total / count
