@@ -27,7 +27,8 @@ from cai import __version__
 from cai.backends.base import Completion, SamplingParams
 from cai.constitution import Constitution, Conversation
 from cai.engine import CAIEngine, ComparisonResult, CritiqueChain, EngineConfig
-from cai.errors import InvalidArgument, NotFound
+from cai.errors import InvalidArgument
+from cai.jsonl import read_objects
 from cai.paths import builtin_prompts_file
 
 PairSource = Literal["revision", "samples"]
@@ -63,22 +64,10 @@ def load_prompts(path: Path | None, limit: int | None = None) -> list[PromptReco
     Any bad line stops the run with its line number, so no prompt is dropped silently.
     """
     path = path or builtin_prompts_file()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise NotFound(f"--prompts: cannot read {path}: {exc.strerror}") from exc
     records: list[PromptRecord] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, row in read_objects(path, "--prompts"):
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"{where}: invalid JSON: {exc.msg}") from exc
-        if not isinstance(row, dict):
-            raise InvalidArgument(f"{where}: expected a JSON object with a 'prompt' field")
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidArgument(f"{where}: prompt: must be a non-empty string")

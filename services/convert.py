@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from cai.backends.base import Backend, Completion, FinishReason, SamplingParams
 from cai.constitution import Conversation
+from cai.engine import PrincipleLabel
 from cai.errors import InvalidArgument
-from cai.v1 import common_pb2, policy_pb2
+from cai.v1 import common_pb2, judge_pb2, policy_pb2
 from services.settings import ServiceSettings
 
 ROLES = {
@@ -141,3 +142,29 @@ def completion_proto(c: Completion) -> policy_pb2.Completion:
 def check_count(field: str, values: Sequence[object], low: int, high: int) -> None:
     if not low <= len(values) <= high:
         raise InvalidArgument(f"{field}: give between {low} and {high} items, got {len(values)}")
+
+
+def labels_proto(labels: Sequence[PrincipleLabel]) -> list[judge_pb2.PrincipleLabel]:
+    return [
+        judge_pb2.PrincipleLabel(
+            principle_id=label.principle_id,
+            p_a=label.p_a,
+            p_first_ab=label.p_first_ab,
+            p_first_ba=label.p_first_ba,
+            reasoning=[r for r in label.reasoning if r],
+        )
+        for label in labels
+    ]
+
+
+def labels_of(labels: Sequence[judge_pb2.PrincipleLabel]) -> list[PrincipleLabel]:
+    return [
+        PrincipleLabel(
+            label.principle_id,
+            label.p_a,
+            label.p_first_ab,
+            label.p_first_ba if label.HasField("p_first_ba") else None,
+            list(label.reasoning),
+        )
+        for label in labels
+    ]

@@ -52,16 +52,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
     def _response(self, result: ComparisonResult) -> judge_pb2.CompareResponse:
         return judge_pb2.CompareResponse(
             p_a=result.p_a,
-            labels=[
-                judge_pb2.PrincipleLabel(
-                    principle_id=label.principle_id,
-                    p_a=label.p_a,
-                    p_first_ab=label.p_first_ab,
-                    p_first_ba=label.p_first_ba,
-                    reasoning=[r for r in label.reasoning if r],
-                )
-                for label in result.labels
-            ],
+            labels=convert.labels_proto(result.labels),
             constitution_hash=self.engine.constitution.hash,
             model_id=self.engine.backend.model_id,
         )

@@ -18,13 +18,14 @@ from confluent_kafka import Consumer, TopicPartition
 from cai import labels
 from cai.backends.base import Backend
 from cai.constitution import Constitution
-from cai.engine import ComparisonResult, CritiqueChain, CritiqueStep, PrincipleLabel
+from cai.engine import ComparisonResult, CritiqueChain, CritiqueStep
 from cai.errors import Unavailable
 from cai.kafka import records
 from cai.kafka.admin import push_prompts
 from cai.kafka.topics import TopicSpec, create_topics, dlq
 from cai.pipeline import PromptRecord, PromptResult, RunConfig, RunWriter, Stage, write_run_info
 from cai.v1 import records_pb2
+from services import convert
 from services.processors import stream_stage
 from services.server import RunningService, start_service
 from services.settings import load_settings
@@ -77,16 +78,7 @@ def _result(
     )
     responses = list(rollout.responses)
     pair = (chain.final, chain.initial) if config.pairs == "revision" else (responses[0], responses[1])
-    verdicts = [
-        PrincipleLabel(
-            label.principle_id,
-            label.p_a,
-            label.p_first_ab,
-            label.p_first_ba if label.HasField("p_first_ba") else None,
-            list(label.reasoning),
-        )
-        for label in preference.labels
-    ]
+    verdicts = convert.labels_of(preference.labels)
     judgment = ComparisonResult(labels.ensemble([label.p_a for label in verdicts]), verdicts)
     return PromptResult(
         prompt, rollout.prompt.seed, responses, chain, pair, judgment, rollout.metadata.policy_version

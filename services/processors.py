@@ -9,12 +9,12 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cai.backends.base import Backend, SamplingParams
-from cai.engine import CAIEngine, ComparisonResult
+from cai.engine import CAIEngine
 from cai.errors import InvalidArgument
 from cai.kafka.admin import stage_group
 from cai.kafka.records import sample_id
 from cai.pipeline import RESPONSE_PARAMS
-from cai.v1 import common_pb2, judge_pb2, records_pb2
+from cai.v1 import common_pb2, records_pb2
 from services import convert
 from services.convert import Limits, limits_of
 from services.server import RunningService
@@ -109,19 +109,6 @@ def critique_processor(engine: CAIEngine, limits: Limits, rounds: int, topic: st
     return process
 
 
-def _labels(result: ComparisonResult) -> list[judge_pb2.PrincipleLabel]:
-    return [
-        judge_pb2.PrincipleLabel(
-            principle_id=label.principle_id,
-            p_a=label.p_a,
-            p_first_ab=label.p_first_ab,
-            p_first_ba=label.p_first_ba,
-            reasoning=[r for r in label.reasoning if r],
-        )
-        for label in result.labels
-    ]
-
-
 def judge_processor(
     engine: CAIEngine, limits: Limits, options: dict[str, Any], source: str, topic: str
 ) -> Processor:
@@ -162,7 +149,7 @@ def judge_processor(
             chosen=chosen,
             rejected=rejected,
             p_chosen=result.p_a if a_wins else 1 - result.p_a,
-            labels=_labels(result),
+            labels=convert.labels_proto(result.labels),
             chosen_is_revision=source == "revisions" and a_wins,
         )
         return [(topic, prompt.prompt_id, preference)]

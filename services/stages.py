@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from cai.backends.base import Backend, Completion, SamplingParams
 from cai.constitution import Constitution, Conversation
-from cai.engine import ComparisonResult, CritiqueChain, CritiqueStep, EngineConfig, PrincipleLabel
+from cai.engine import ComparisonResult, CritiqueChain, CritiqueStep, EngineConfig
 from services import convert
 from services.backends import PolicyServiceBackend
 from services.client import AsyncClient, judge_options
@@ -55,17 +55,7 @@ class ServiceStages:
         reply = await self.judge.compare(
             conversation, a, b, judge_options(k_principles, debias=debias, chain_of_thought=cot, seed=seed)
         )
-        labels = [
-            PrincipleLabel(
-                label.principle_id,
-                label.p_a,
-                label.p_first_ab,
-                label.p_first_ba if label.HasField("p_first_ba") else None,
-                list(label.reasoning),
-            )
-            for label in reply.labels
-        ]
-        return ComparisonResult(reply.p_a, labels)
+        return ComparisonResult(reply.p_a, convert.labels_of(reply.labels))
 
 
 @contextlib.asynccontextmanager

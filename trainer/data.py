@@ -9,7 +9,6 @@ the model learns to stop. Only completion tokens count in the losses.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any, Protocol
 import torch
 
 from cai.backends.base import plain_chat
-from cai.errors import InvalidArgument, NotFound
+from cai.errors import InvalidArgument
+from cai.jsonl import read_objects
 from trainer.loss import IGNORE
 
 Conversation = list[dict[str, str]]
@@ -46,22 +46,10 @@ def _messages(value: Any, key: str, where: str, assistant: bool) -> Conversation
 
 def load_samples(path: Path, mode: str) -> list[Sample]:
     """Every record of a run folder's JSONL file; a bad line stops with its file:line."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise NotFound(f"data: cannot read {path}: {exc.strerror}") from exc
     keys = ("completion",) if mode == "sft" else ("chosen", "rejected")
     samples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, row in read_objects(path, "data"):
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"{where}: invalid JSON: {exc.msg}") from exc
-        if not isinstance(row, dict):
-            raise InvalidArgument(f"{where}: expected a JSON object")
         sample_id = row.get("sample_id")
         if not isinstance(sample_id, str) or not sample_id:
             raise InvalidArgument(f"{where}: sample_id: must be a non-empty string")
