@@ -8,6 +8,7 @@ back from the topics into the same run folder, with the same content, as the in-
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -133,7 +134,9 @@ async def run_through_kafka(
     """Run the pipeline through Kafka and write the run folder; returns run.json's content."""
     started = time.time()
     config.out.mkdir(parents=True, exist_ok=True)
-    prefix = f"cai-up.{config.out.name}.{secrets.token_hex(3)}."  # never an earlier run's topics
+    # A fresh prefix, so no earlier run's records mix in; the folder name made a legal topic name.
+    run_name = re.sub(r"[^A-Za-z0-9._-]", "-", config.out.name)[:64]
+    prefix = f"cai-up.{run_name}.{secrets.token_hex(3)}."
     await asyncio.to_thread(create_topics, bootstrap, TopicSpec(partitions=partitions), prefix=prefix)
     stopping = asyncio.Event()
     running: list[RunningService] = []
