@@ -184,6 +184,12 @@ async def serve(name: ServiceName, settings: ServiceSettings) -> None:
 
         stream = asyncio.ensure_future(stream_stage(service, settings).run(stopping))
         waits.append(stream)
+        if name == "policy" and settings.follow_policy_versions:
+            from services.policy_updates import PolicyFollower
+
+            topic = settings.kafka_prefix + "policy-versions"
+            follower = PolicyFollower(service.backend, settings.kafka, topic)
+            waits.append(asyncio.ensure_future(follower.run(stopping)))
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down", extra={"fields": {"service": name, "grace_s": settings.grace_s}})
     stopping.set()

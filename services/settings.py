@@ -69,6 +69,11 @@ class ServiceSettings(BaseSettings):
     kafka_commit_interval_s: float = Field(
         0.5, gt=0, description="seconds between offset commits (a crash replays up to this much work)"
     )
+    follow_policy_versions: bool = Field(
+        True,
+        description="policy with kafka: load each version the trainer publishes on the policy-versions "
+        "topic (transformers backend)",
+    )
     responses_per_prompt: int = Field(2, ge=1, description="policy stream: responses sampled per prompt")
     response_max_new_tokens: int = Field(
         96, ge=1, description="policy stream: length limit of the sampled responses"

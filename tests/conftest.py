@@ -38,3 +38,24 @@ def backend(default_model):
     from cai.backends.transformers import TransformersBackend
 
     return TransformersBackend(default_model, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(default_model, tmp_path_factory) -> str:
+    """A randomly initialised two-layer model with the default model's tokenizer and chat template.
+    For the tests about delivery, checkpoints and weight swaps, where what the model says does not
+    matter but every step and restart has to be quick."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    config = AutoConfig.from_pretrained(default_model)
+    config.update(
+        {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    )
+    config.update({"num_key_value_heads": 2, "head_dim": 8})
+    import torch
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_model).save_pretrained(folder)
+    return str(folder)

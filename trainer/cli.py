@@ -66,9 +66,11 @@ class _WarningLines(logging.Handler):
 )
 @_config_options
 def train(config_file: Path | None, **flags: Any) -> None:
-    """Train the policy on a `cai up` run folder: sft on sft.jsonl, or soft-label dpo on
-    preferences.jsonl. Rerunning with the same --output-dir resumes from its newest checkpoint;
-    SIGTERM stops after the current step with a checkpoint."""
+    """Train the policy: sft on the final revisions, or soft-label dpo on the judge's preferences,
+    from a `cai up` run folder (--data) or the pipeline's Kafka topics (--source kafka); online-dpo
+    also publishes each new policy version for the policy service to load. Rerunning with the same
+    --output-dir resumes from its newest checkpoint; SIGTERM stops after the current step with a
+    checkpoint."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cai.cli import _quiet_transformers, console
@@ -88,10 +90,15 @@ def train(config_file: Path | None, **flags: Any) -> None:
 
     with console.status(f"loading {config.model}"):
         trainer = Trainer(config)
+    if config.source == "file":
+        where = f"{config.data_file} ({len(trainer.samples)} samples)"
+    else:
+        where = f"{config.topic} on {config.kafka}"
+    steps = "until stopped" if trainer.total_steps is None else f"{trainer.total_steps} steps"
     console.print(
-        f"{config.mode} on {config.data_file} ({len(trainer.samples)} samples), "
+        f"{config.mode} on {where}, "
         f"{f'LoRA r={config.lora_r}' if config.lora else 'full fine-tuning'}, "
-        f"{trainer.device}, {trainer.total_steps} steps of {config.samples_per_step} samples"
+        f"{trainer.device}, {steps} of {config.samples_per_step} samples"
         + (f", resumed at step {trainer.resumed_from}" if trainer.resumed_from is not None else ""),
         highlight=False,
     )
@@ -104,9 +111,12 @@ def train(config_file: Path | None, **flags: Any) -> None:
     )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("train", total=trainer.total_steps, completed=trainer.step, loss="-")
-        result = trainer.train(
-            lambda step: progress.update(task, completed=step.step, loss=f"{step.metrics['loss']:.4f}")
-        )
+        try:
+            result = trainer.train(
+                lambda step: progress.update(task, completed=step.step, loss=f"{step.metrics['loss']:.4f}")
+            )
+        finally:
+            trainer.close()
     _print_summary(config, result)
 
 
@@ -121,9 +131,12 @@ def _print_summary(config: TrainConfig, result: Any) -> None:
         ("resumed from step", "-" if result.resumed_from is None else str(result.resumed_from)),
         ("samples this run", str(result.samples)),
         ("duplicates skipped", str(result.duplicates)),
+        ("stale samples dropped", str(result.stale)),
         ("sequences truncated", str(result.truncated)),
         ("duration", f"{result.duration_s:.1f} s"),
     ]
+    if config.mode == "online-dpo":
+        rows.append(("policy version", str(result.last.get("policy_version", "-"))))
     for key in ("loss", "margin", "accuracy", "kl", "lr", "grad_norm"):
         if key in result.last:
             rows.append((f"last {key}", f"{result.last[key]:.4g}"))

@@ -1,5 +1,9 @@
 """Training samples: reading a `cai up` run folder, the sample source, tokenizing and batching.
 
+Samples come from a run folder (`FileSource`), a Kafka topic (`KafkaSource`: the revisions or
+preferences records of the stream stages) or a queue in this process (`MemorySource`, fed by
+`cai up --train-steps`).
+
 `sft.jsonl` and `preferences.jsonl` hold TRL's conversational formats (see cai/pipeline.py):
 `prompt` is a chat (a list of messages) and `completion`, `chosen` and `rejected` are the
 assistant turn that follows it. The prompt is rendered with the tokenizer's chat template and
@@ -31,6 +35,7 @@ class Sample:
     prompt: Conversation
     completions: tuple[Conversation, ...]  # sft: (completion,); dpo: (chosen, rejected)
     p_chosen: float  # the judge's soft label; 1.0 for sft, where it is unused
+    policy_version: str = "base"  # the policy that generated the completions (staleness)
 
 
 def _messages(value: Any, key: str, where: str, assistant: bool) -> Conversation:
@@ -55,10 +60,13 @@ def load_samples(path: Path, mode: str) -> list[Sample]:
             raise InvalidArgument(f"{where}: sample_id: must be a non-empty string")
         prompt = _messages(row.get("prompt"), "prompt", where, assistant=False)
         completions = tuple(_messages(row.get(k), k, where, assistant=True) for k in keys)
-        p = row.get("p_chosen", 1.0) if mode == "dpo" else 1.0
+        p = row.get("p_chosen", 1.0) if mode != "sft" else 1.0
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1:
             raise InvalidArgument(f"{where}: p_chosen: must be a number in [0, 1], got {p!r}")
-        samples.append(Sample(sample_id, where, prompt, completions, float(p)))
+        version = row.get("policy_version") or "base"
+        if not isinstance(version, str):
+            raise InvalidArgument(f"{where}: policy_version: must be a string, got {version!r}")
+        samples.append(Sample(sample_id, where, prompt, completions, float(p), version))
     if not samples:
         raise InvalidArgument(f"data: {path} holds no samples")
     return samples
@@ -67,7 +75,7 @@ def load_samples(path: Path, mode: str) -> list[Sample]:
 class Source(Protocol):
     """Where samples come from. `state()` goes into every checkpoint and `restore()` takes it back,
     so a resumed run continues at the next sample. The file source's state is an epoch and index;
-    a stream source would keep its partition offsets."""
+    the Kafka source's its partitions' offsets (trainer/streams.py)."""
 
     epoch: int  # the de-duplication set is per epoch; a stream stays in epoch 0
 
@@ -78,6 +86,12 @@ class Source(Protocol):
     def state(self) -> dict[str, Any]: ...
 
     def restore(self, state: dict[str, Any]) -> None: ...
+
+    def committed(self) -> None:
+        """Called after each checkpoint (the Kafka source reports its offsets to the group)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class FileSource:
@@ -119,6 +133,12 @@ class FileSource:
             )
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._order = self._shuffled(self.epoch)
+
+    def committed(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ---- tokenizing and batching --------------------------------------------------------------------

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from cai.errors import InvalidArgument
+from cai.policy_versions import PolicyServer, PolicyVersion, pack_adapter, version_index, version_name
 from trainer.checkpoint import latest_valid, prune, rng_state, set_rng_state, write_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import Encoded, FileSource, Sample, Source, collate, encode, load_samples
@@ -49,11 +51,12 @@ class StepResult:
 @dataclass
 class TrainResult:
     steps: int  # optimizer steps done in total, resumed ones included
-    total_steps: int
+    total_steps: int  # the planned steps (a stream without max_steps: the steps done)
     resumed_from: int | None  # the step of the checkpoint this run started from
     stopped: bool  # by SIGTERM, after writing a checkpoint
     samples: int  # samples trained on in this run
     duplicates: int  # samples skipped because their id was already trained this epoch
+    stale: int  # samples dropped because their policy version was too old (whole run)
     truncated: int  # sequences cut to max_length
     duration_s: float
     checkpoint: Path | None
@@ -61,13 +64,13 @@ class TrainResult:
     last: dict[str, Any] = field(default_factory=dict)  # the last step's metrics
 
 
-def lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+def lr_factor(config: TrainConfig, total_steps: int | None) -> Callable[[int], float]:
     """The learning-rate multiplier for the optimizer step after `done` completed ones."""
 
     def factor(done: int) -> float:
         if done < config.warmup_steps:
             return (done + 1) / (config.warmup_steps + 1)
-        if config.lr_scheduler == "constant":
+        if config.lr_scheduler == "constant" or total_steps is None:
             return 1.0
         progress = (done - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
         progress = min(progress, 1.0)
@@ -80,28 +83,101 @@ def lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 class Trainer:
     """Builds the model, optimizer and source from a `TrainConfig`, resuming from the newest
-    complete checkpoint in `output_dir` when there is one."""
+    complete checkpoint in `output_dir` when there is one.
 
-    def __init__(self, config: TrainConfig):
+    `source` is required for the memory source (the queue its caller fills); `on_publish` is
+    called with every published policy version, after the Kafka record and the rollout."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        source: Source | None = None,
+        on_publish: Callable[[PolicyVersion], None] | None = None,
+    ):
         config.check_ready()
         self.config = config
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.samples = samples = load_samples(config.data_file, config.mode)
-        # With max_steps the data cycles (new order per epoch) until the steps are done.
-        self.source: Source = FileSource(samples, config.seed, None if config.max_steps else config.epochs)
-        self.total_steps = config.max_steps or math.ceil(
-            len(samples) * config.epochs / config.samples_per_step
-        )
+        self.stop_requested = False
+        self.samples: list[Sample] = []
+        self.total_steps: int | None = config.max_steps
+        if config.source == "file":
+            self.samples = load_samples(config.data_file, config.mode)
+            # With max_steps the data cycles (new order per epoch) until the steps are done.
+            source = FileSource(self.samples, config.seed, None if config.max_steps else config.epochs)
+            self.total_steps = config.max_steps or math.ceil(
+                len(self.samples) * config.epochs / config.samples_per_step
+            )
+        elif config.source == "kafka":
+            from cai.kafka.admin import stage_group
+            from trainer.streams import KafkaSource
+
+            assert config.kafka is not None
+            source = KafkaSource(
+                config.kafka,
+                config.topic,
+                stage_group("trainer", config.kafka_prefix),
+                config.stream_idle_timeout_s,
+                lambda: self.stop_requested,
+            )
+        elif source is None:
+            raise InvalidArgument("source: 'memory' is fed by the process that runs the trainer (cai up)")
+        self.source: Source = source
+        if self.total_steps is None and config.lr_scheduler != "constant":
+            raise InvalidArgument(
+                "max_steps: a stream trains until it is stopped unless max_steps is set; without it "
+                "the learning rate cannot decay, so set lr_scheduler to 'constant'"
+            )
+        self._source_state = self.source.state()  # where the last whole step's samples end
         self.step = 0
         self.trained_ids: set[str] = set()  # de-duplication: ids trained in the current epoch
         self.samples_seen = 0
         self.duplicates = 0
+        self.stale = 0
         self.truncated = 0
+        self._unknown_versions: set[str] = set()
         self._build_model()
         self.resumed_from: int | None = None
         if (folder := latest_valid(self.out)) is not None:
             self._resume(folder)
+        self._publishers = self._make_publishers(on_publish)
+
+    def _make_publishers(
+        self, on_publish: Callable[[PolicyVersion], None] | None
+    ) -> list[Callable[[PolicyVersion], None]]:
+        c = self.config
+        self.policy_server: PolicyServer | None = None
+        if c.mode != "online-dpo":
+            return []
+        publishers: list[Callable[[PolicyVersion], None]] = []
+        if c.serve_policies_port is not None:
+            self.policy_server = PolicyServer(self.out / "policies", c.serve_policies_port)
+        if c.kafka:
+            from cai.policy_versions import KafkaPublisher
+
+            publishers.append(KafkaPublisher(c.kafka, c.kafka_prefix + "policy-versions"))
+        if c.rollout_deployment:
+            from trainer.rollout import DeploymentRollout
+
+            rollout = DeploymentRollout(c.rollout_deployment)
+
+            def roll(v: PolicyVersion) -> None:
+                rollout.roll(v.version, v.uri, v.sha256, v.step)
+
+            publishers.append(roll)
+        if on_publish is not None:
+            publishers.append(on_publish)
+        return publishers
+
+    @property
+    def policy_version(self) -> str:
+        """The newest version this trainer published (online-dpo), else the base policy."""
+        return version_name(self.step // self.config.publish_every if self.config.mode == "online-dpo" else 0)
+
+    def close(self) -> None:
+        self.source.close()
+        if self.policy_server is not None:
+            self.policy_server.close()
 
     # ---- setup --------------------------------------------------------------------------
 
@@ -138,7 +214,7 @@ class Trainer:
                 raise InvalidArgument(f"lora_target_modules: {exc}") from exc
         else:
             self.model = base
-            if c.mode == "dpo":
+            if c.mode != "sft":
                 # Full fine-tuning changes the base weights, so DPO needs a frozen copy as the
                 # reference: a second set of weights in memory.
                 reference: torch.nn.Module = copy.deepcopy(base)
@@ -169,8 +245,10 @@ class Trainer:
         self.scheduler.load_state_dict(training["scheduler"])
         set_rng_state(training["rng"])
         self.source.restore(state["source_state"])
+        self._source_state = state["source_state"]
         self.step = state["step"]
         self.trained_ids = set(state["trained_ids"])
+        self.stale = state.get("stale", 0)
         self.resumed_from = self.step
         self._truncate_log()
         log.info("resumed from %s", folder)
@@ -190,9 +268,26 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------
 
-    def _take(self) -> list[Sample]:
-        """The next step's samples, skipping ids already trained in this epoch."""
+    def _staleness(self, sample: Sample) -> int:
+        """How many versions older than the newest published one the sample's policy is."""
+        index = version_index(sample.policy_version)
+        if index is None:
+            if sample.policy_version not in self._unknown_versions:
+                self._unknown_versions.add(sample.policy_version)
+                name = sample.policy_version
+                log.warning("policy version %r is not one of this trainer's: counted as fresh", name)
+            return 0
+        current = version_index(self.policy_version) or 0
+        return max(0, current - index)
+
+    def _take(self) -> tuple[list[Sample], int]:
+        """The next step's samples, skipping ids already trained in this epoch, and the number
+        of samples dropped for being of a policy more than `max_staleness` versions old. Nothing
+        is recorded as trained yet: a step cut short by a stop is not trained."""
         taken: list[Sample] = []
+        ids: set[str] = set()
+        stale = 0
+        limit = self.config.max_staleness
         while len(taken) < self.config.samples_per_step:
             epoch = self.source.epoch
             sample = self.source.next()
@@ -200,13 +295,16 @@ class Trainer:
                 break
             if self.source.epoch != epoch:
                 self.trained_ids.clear()
-            if sample.sample_id in self.trained_ids:
+            if sample.sample_id in self.trained_ids or sample.sample_id in ids:
                 self.duplicates += 1
                 log.warning("skipping %s (%s): sample id already trained", sample.sample_id, sample.where)
                 continue
-            self.trained_ids.add(sample.sample_id)
+            if limit is not None and self._staleness(sample) > limit:
+                stale += 1
+                continue
+            ids.add(sample.sample_id)
             taken.append(sample)
-        return taken
+        return taken, stale
 
     def _encode(self, sample: Sample) -> list[Encoded]:
         max_length = self.config.max_length
@@ -265,6 +363,12 @@ class Trainer:
             )
             metrics |= merged.metrics()
             metrics["p_chosen"] = sum(s.p_chosen for s in samples) / len(samples)
+        staleness = [self._staleness(s) for s in samples]
+        metrics |= {
+            "policy_version": self.policy_version,
+            "staleness": sum(staleness) / len(staleness),
+            "stale_dropped": self.stale,
+        }
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -308,15 +412,37 @@ class Trainer:
             torch.save(training, folder / TRAINING_STATE)
             state = {
                 "step": self.step,
-                "source_state": self.source.state(),
+                "source_state": self._source_state,
                 "trained_ids": sorted(self.trained_ids),
+                "stale": self.stale,
                 "config": self.config.to_dict(),
             }
             (folder / STATE).write_text(json.dumps(state, indent=2) + "\n")
 
         path = write_checkpoint(self.out, self.step, write)
         prune(self.out, self.config.keep_checkpoints)
+        self.source.committed()
         return path
+
+    def publish(self, metrics: dict[str, Any]) -> PolicyVersion:
+        """Pack the adapter as the next policy version and announce it to every publisher."""
+        version = self.policy_version
+        path, sha256 = pack_adapter(self.model, self.out / "policies", version)
+        if self.policy_server is not None:
+            host = self.config.policy_url_host or socket.getfqdn()
+            uri = f"http://{host}:{self.policy_server.port}/{path.name}"
+        else:
+            uri = path.resolve().as_uri()
+        numbers = {k: float(v) for k, v in metrics.items() if k in ("loss", "margin", "accuracy", "kl")}
+        published = PolicyVersion(version, uri, sha256, self.step, numbers)
+        for publish in self._publishers:
+            publish(published)
+        # Services may still be fetching the previous archives: keep a few.
+        archives = (self.out / "policies").glob("v*.tar")
+        for old in sorted(archives, key=lambda p: version_index(p.stem) or 0)[:-3]:
+            old.unlink(missing_ok=True)
+        log.info("published %s (step %d, sha256 %s)", version, self.step, sha256[:12])
+        return published
 
     def export(self) -> Path:
         """The final adapter (or full model) and tokenizer, loadable with peft/transformers."""
@@ -331,18 +457,18 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
 
+    def request_stop(self) -> None:
+        """Stop after the current optimizer step, with a checkpoint (SIGTERM does the same)."""
+        self.stop_requested = True
+
     @contextlib.contextmanager
     def _sigterm(self) -> Iterator[None]:
         """SIGTERM asks to stop after the current optimizer step, with a checkpoint."""
-        self.stop_requested = False
         if threading.current_thread() is not threading.main_thread():
             yield  # signal handlers can only be set from the main thread
             return
 
-        def request_stop(signum: int, frame: object) -> None:
-            self.stop_requested = True
-
-        previous = signal.signal(signal.SIGTERM, request_stop)
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.request_stop())
         try:
             yield
         finally:
@@ -356,14 +482,21 @@ class Trainer:
         last: dict[str, Any] = {}
         self.samples_seen = 0
         with self._sigterm(), (self.out / "log.jsonl").open("a", encoding="utf-8") as log_file:
-            while self.step < self.total_steps and not self.stop_requested:
-                samples = self._take()
-                if not samples:
-                    break  # the source is exhausted (only when duplicates were skipped)
+            while (self.total_steps is None or self.step < self.total_steps) and not self.stop_requested:
+                samples, stale = self._take()
+                if not samples or (self.stop_requested and len(samples) < c.samples_per_step):
+                    # Exhausted, or stopped while waiting for a stream: samples taken for an
+                    # unfinished step are not trained, and the checkpoint resumes before them.
+                    break
+                self._source_state = self.source.state()
+                self.trained_ids.update(s.sample_id for s in samples)
+                self.stale += stale
                 last = self._optimizer_step(samples)
                 if self.step % c.log_every == 0 or self.step == self.total_steps:
                     log_file.write(json.dumps({**last, "elapsed_s": round(time.time() - started, 3)}) + "\n")
                     log_file.flush()
+                if c.mode == "online-dpo" and self.step % c.publish_every == 0:
+                    self.publish(last)
                 if on_step is not None:
                     on_step(StepResult(self.step, last, last["sample_ids"]))
                 if self.step % c.checkpoint_every == 0:
@@ -373,11 +506,12 @@ class Trainer:
         finished = not self.stop_requested
         return TrainResult(
             steps=self.step,
-            total_steps=self.total_steps,
+            total_steps=self.total_steps or self.step,
             resumed_from=self.resumed_from,
             stopped=self.stop_requested,
             samples=self.samples_seen,
             duplicates=self.duplicates,
+            stale=self.stale,
             truncated=self.truncated,
             duration_s=time.time() - started,
             checkpoint=checkpoint,

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import inspect
 import logging
+import os
 import secrets
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -222,6 +223,7 @@ class TransformersBackend(Backend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_rows = 0
         self._closed = False
+        self._adapters_loaded = 0
 
     @property
     def queue_depth(self) -> int:
@@ -292,6 +294,27 @@ class TransformersBackend(Backend):
             self.policy_version = version
 
         await asyncio.get_running_loop().run_in_executor(self._executor, do_swap)
+
+    async def load_adapter(self, folder: str | os.PathLike[str], version: str) -> None:
+        """Serve the peft (LoRA) adapter in `folder` as policy `version`, between batches.
+
+        The adapter is loaded next to the one in use, made active and the old one deleted, all on
+        the model's thread: a batch runs wholly on the old adapter or wholly on the new one."""
+
+        def apply(model: Any) -> Any:
+            from peft import PeftModel
+
+            self._adapters_loaded += 1
+            name = f"policy-{self._adapters_loaded}"  # peft's name; the version is ours
+            if not isinstance(model, PeftModel):
+                return PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+            previous = model.active_adapter
+            model.load_adapter(str(folder), adapter_name=name)
+            model.set_adapter(name)
+            model.delete_adapter(previous)
+            return None
+
+        await self.swap(apply, version)
 
     async def close(self) -> None:
         self._closed = True

@@ -1,0 +1,105 @@
+"""online-dpo on the in-process source: staleness filtering and policy-version publishing, on a
+tiny random model (what it learns does not matter here, which samples it learns from does)."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+
+import pytest
+
+from cai.errors import InvalidArgument
+from cai.policy_versions import PolicyVersion, fetch_adapter, version_index
+from trainer.config import TrainConfig
+from trainer.data import Sample
+from trainer.streams import MemorySource
+from trainer.train import Trainer
+
+
+def sample(i: int, version: str) -> Sample:
+    prompt = [{"role": "user", "content": f"Question {i}?"}]
+    chosen = [{"role": "assistant", "content": f"Answer {i}."}]
+    rejected = [{"role": "assistant", "content": "No."}]
+    return Sample(f"s{i}", f"test:{i}", prompt, (chosen, rejected), 0.8, version)
+
+
+def online_config(model: str, out: Path, **overrides) -> TrainConfig:
+    values = {
+        "model": model,
+        "mode": "online-dpo",
+        "source": "memory",
+        "output_dir": str(out),
+        "device": "cpu",
+        "dtype": "float32",
+        "micro_batch_size": 2,
+        "publish_every": 1,
+        "max_staleness": 0,
+        "lr_scheduler": "constant",
+        "lora_target_modules": ["q_proj", "v_proj"],
+        **overrides,
+    }
+    return TrainConfig.from_dict(values)
+
+
+def test_stale_samples_are_dropped_and_each_step_publishes_a_version(tiny_model, tmp_path):
+    # publish_every 1: after step k the newest version is v<k>, and max_staleness 0 keeps only
+    # samples of exactly that version.
+    feed: queue.Queue[Sample | None] = queue.Queue()
+    plan = [
+        (0, "base"), (1, "base"),  # step 1 (current: base)
+        (2, "base"), (3, "v1"), (4, "v1"),  # step 2 (current: v1): s2 is one version old
+        (5, "v1"), (6, "v2"), (7, "v9"),  # step 3 (current: v2): s5 is old
+        (8, "base"), (9, "v3"),  # step 4 (current: v3): s8 is old
+    ]  # fmt: skip
+    for i, version in plan:
+        feed.put(sample(i, version))
+    feed.put(None)
+    published: list[PolicyVersion] = []
+    trainer = Trainer(
+        online_config(tiny_model, tmp_path / "out", max_steps=5),
+        source=MemorySource(feed, lambda: trainer.stop_requested),
+        on_publish=published.append,
+    )
+    trained: list[list[str]] = []
+    result = trainer.train(lambda step: trained.append(step.sample_ids))
+    trainer.close()
+    # s7 claims a version newer than any published: counted as fresh. The source ends after s9.
+    assert trained == [["s0", "s1"], ["s3", "s4"], ["s6", "s7"], ["s9"]]
+    assert result.stale == 3 and result.steps == 4
+    assert [v.version for v in published] == ["v1", "v2", "v3", "v4"]
+    assert [v.step for v in published] == [1, 2, 3, 4]
+    # each archive kept (the newest three) is what its record says: it unpacks into an adapter
+    assert sorted(p.name for p in (tmp_path / "out" / "policies").iterdir()) == ["v2.tar", "v3.tar", "v4.tar"]
+    for version in published[1:]:
+        folder = fetch_adapter(version, tmp_path / "cache")
+        assert (folder / "adapter_model.safetensors").is_file()
+    tampered = PolicyVersion("v9", published[-1].uri, "0" * 64, 9)
+    with pytest.raises(InvalidArgument, match="sha256"):
+        fetch_adapter(tampered, tmp_path / "cache")
+
+
+def test_without_a_limit_every_sample_is_trained(tiny_model, tmp_path):
+    feed: queue.Queue[Sample | None] = queue.Queue()
+    for i, version in enumerate(["base", "base", "base", "v1"]):
+        feed.put(sample(i, version))
+    feed.put(None)
+    trainer = Trainer(
+        online_config(tiny_model, tmp_path / "out", max_steps=2, max_staleness=None, publish_every=5),
+        source=MemorySource(feed, lambda: False),
+    )
+    result = trainer.train()
+    trainer.close()
+    assert result.stale == 0 and result.samples == 4
+
+
+def test_version_names():
+    assert [version_index(v) for v in ("base", "", "v3", "v12", "latest", "v")] == [0, 0, 3, 12, None, None]
+
+
+def test_online_dpo_needs_a_stream_and_lora(tmp_path):
+    with pytest.raises(InvalidArgument, match="source: online-dpo"):
+        TrainConfig.from_dict({"mode": "online-dpo", "data": str(tmp_path)})
+    with pytest.raises(InvalidArgument, match="lora: online-dpo"):
+        TrainConfig.from_dict({"mode": "online-dpo", "source": "memory", "lora": False})
+    with pytest.raises(InvalidArgument, match="max_staleness"):
+        TrainConfig.from_dict({"max_staleness": -1})
