@@ -28,13 +28,13 @@ def test_yaml_and_overrides(write_yaml):
     ("text", "message"),
     [
         ("micro_batch_sise: 4\n", "unknown key 'micro_batch_sise' (did you mean 'micro_batch_size'?)"),
-        ("mode: ppo\n", "mode: expected 'sft' | 'dpo', got 'ppo'"),
+        ("mode: ppo\n", "mode: expected 'sft' | 'dpo' | 'online-dpo', got 'ppo'"),
         ("beta: high\n", "beta: expected float, got 'high'"),
         ("lora: 1\n", "lora: expected bool, got 1"),
         ("micro_batch_size: 0\n", "micro_batch_size: must be at least 1, got 0"),
         ("lora_dropout: 1.5\n", "lora_dropout: must be in [0, 1)"),
         ("max_steps: 2.5\n", "max_steps: expected int | null, got 2.5"),
-        ("source: kafka\n", "source: expected 'file', got 'kafka'"),
+        ("source: s3\n", "source: expected 'file' | 'kafka' | 'memory', got 's3'"),
         ("- a list\n", "expected a mapping"),
     ],
 )
