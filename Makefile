@@ -9,10 +9,13 @@ BUF := $(TOOLS)/buf
 BUF_VERSION := v1.75.0
 GRPCURL_VERSION := v1.9.4
 GHZ_VERSION := v0.93.0
+KUSTOMIZE := $(TOOLS)/kustomize
+KUSTOMIZE_VERSION := v5.8.1
+DEPLOY_VENV := $(TOOLS)/deploy-venv
 PROTOS := $(wildcard protos/cai/v1/*.proto)
 PROTOC = $(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
 
-.PHONY: help install model up test lint format protos protos-check tools kafka bench clean
+.PHONY: help install model up test lint format protos protos-check tools kafka bench deploy-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -63,7 +66,7 @@ format: install  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint model tools kafka  ## lint, then run every test (unit, services, integration on the real model)
+test: lint deploy-check model tools kafka  ## lint, then run every test (unit, services, integration on the real model)
 	$(BIN)/pytest
 
 $(VENV)/.bench-installed: $(INSTALLED)
@@ -73,6 +76,21 @@ $(VENV)/.bench-installed: $(INSTALLED)
 
 bench: model tools $(VENV)/.bench-installed  ## run the benchmarks; prints tables, writes benchmarks/results/*.json
 	$(BIN)/python -m benchmarks.run
+
+$(KUSTOMIZE):
+	GOBIN=$(TOOLS) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+
+# pyproject.toml's `deploy` extra, in a virtualenv of its own: checkov pins older packaging,
+# networkx and python-dateutil than the project's dependencies want.
+$(DEPLOY_VENV)/.installed: pyproject.toml $(INSTALLED)
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['deploy']))" > $(DEPLOY_VENV)/requirements.txt
+	$(DEPLOY_VENV)/bin/python -m pip install --quiet -r $(DEPLOY_VENV)/requirements.txt
+	touch $@
+
+deploy-check: install $(KUSTOMIZE) $(DEPLOY_VENV)/.installed  ## render deploy/k8s; kubernetes-validate, CRD schemas, checkov, hadolint, invariants
+	$(BIN)/python deploy/check.py --kustomize $(KUSTOMIZE) --tools $(DEPLOY_VENV)/bin
+	$(BIN)/pytest -q tests/deploy
 
 clean:  ## remove .venv and caches (the prepared model in $CAI_HOME stays)
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
