@@ -399,9 +399,17 @@ def _add_trainer_commands() -> None:
         main.add_command(command)
 
 
+def _add_eval_commands() -> None:
+    from cai.eval_cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
 _add_service_commands()
 _add_kafka_commands()
 _add_trainer_commands()
+_add_eval_commands()
 
 if __name__ == "__main__":
     main()

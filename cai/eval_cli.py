@@ -1,0 +1,253 @@
+"""`cai eval`: a thin command over `cai.evaluation.evaluate`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cai.errors import CAIError, InvalidArgument, NotFound
+
+
+def split_policy(spec: str) -> tuple[str, str | None]:
+    """'MODEL[:ADAPTER]' -> (model, adapter or None). A spec that is an existing folder is a model."""
+    if spec == "default" or Path(spec).expanduser().is_dir():
+        return spec, None
+    model, sep, adapter = spec.rpartition(":")
+    if not sep or not model or not adapter:
+        return spec, None
+    return model, adapter
+
+
+def _resolve(spec: str, flag: str) -> str:
+    from cai.models import resolve_model
+
+    try:
+        return resolve_model(spec)
+    except NotFound as exc:
+        raise NotFound(f"{flag}: {str(exc).removeprefix('--model: ')}") from exc
+
+
+def _check_adapter(path: str, flag: str) -> Path:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise NotFound(f"{flag}: adapter folder {path} does not exist")
+    if not (folder / "adapter_config.json").is_file():
+        raise NotFound(
+            f"{flag}: {path} is not a peft adapter folder (no adapter_config.json); "
+            "`cai train` writes one to OUTPUT_DIR/model/"
+        )
+    return folder
+
+
+@click.command("eval")
+@click.option(
+    "--policy",
+    required=True,
+    metavar="MODEL[:ADAPTER]",
+    help="The model to evaluate: 'default' or a model folder, optionally with ':' and a LoRA adapter "
+    "folder (what `cai train` writes to OUTPUT_DIR/model/).",
+)
+@click.option(
+    "--adapter",
+    default=None,
+    metavar="DIR",
+    help="A LoRA adapter folder for the policy (instead of MODEL:ADAPTER).",
+)
+@click.option(
+    "--baseline",
+    default=None,
+    metavar="MODEL",
+    help="The model to compare against (default: the policy's model without the adapter).",
+)
+@click.option("--judge", default="default", show_default=True, metavar="MODEL", help="The judge model.")
+@click.option(
+    "--prompts",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSONL prompt file with a `category` per line (default: the built-in red-team and benign prompts).",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
+@click.option(
+    "--constitution",
+    "constitution_path",
+    default="default",
+    show_default=True,
+    help="Constitution file or built-in name: its comparison principles guide the judge.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Sampling, principle and bootstrap seed."
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=96,
+    show_default=True,
+    help="Length limit of each answer.",
+)
+@click.option(
+    "--k-principles",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Comparison principles averaged per judgment.",
+)
+@click.option("--no-debias", is_flag=True, help="Judge only one ordering of each pair.")
+@click.option(
+    "--ci",
+    "ci_method",
+    type=click.Choice(["bootstrap", "normal"]),
+    default="bootstrap",
+    show_default=True,
+    help="95% confidence interval of the win-rate: percentile bootstrap or normal approximation.",
+)
+@click.option(
+    "--bootstrap-samples", type=click.IntRange(min=1), default=2000, show_default=True, help="Resamples."
+)
+@click.option(
+    "--refusal-threshold",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.4,
+    show_default=True,
+    help="An answer counts as a refusal when the judge's p(refusal) is above this (see docs/training.md).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("eval.json"),
+    show_default=True,
+    help="JSON report to write.",
+)
+@click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+)
+def eval_command(
+    policy: str,
+    adapter: str | None,
+    baseline: str | None,
+    judge: str,
+    prompts: Path | None,
+    limit: int | None,
+    constitution_path: str,
+    seed: int,
+    max_new_tokens: int,
+    k_principles: int,
+    no_debias: bool,
+    ci_method: str,
+    bootstrap_samples: int,
+    refusal_threshold: float,
+    out: Path,
+    device: str | None,
+    dtype: str,
+) -> None:
+    """Judge's win-rate of a policy over a baseline per prompt category, with a confidence interval,
+    and the refusal rate on benign prompts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cai import constitution as constitution_mod
+    from cai import evaluation, pipeline
+    from cai.cli import _quiet_transformers, console
+    from cai.models import DEFAULT_MODEL, is_ready, setup_default_model
+    from cai.paths import default_model_dir
+
+    model_spec, inline_adapter = split_policy(policy)
+    if inline_adapter and adapter:
+        raise InvalidArgument("--adapter: the policy already names an adapter (MODEL:ADAPTER); give one")
+    adapter_dir = (
+        _check_adapter(adapter, "--adapter")
+        if adapter
+        else _check_adapter(inline_adapter, "--policy")
+        if inline_adapter
+        else None
+    )
+    baseline_spec = baseline or model_spec
+    records = pipeline.load_prompts(prompts, limit)
+    cons = constitution_mod.load(constitution_path)
+    config = evaluation.EvalConfig(
+        seed=seed,
+        response_params=replace(pipeline.RESPONSE_PARAMS, max_new_tokens=max_new_tokens),
+        k_principles=k_principles,
+        debias=not no_debias,
+        ci_method=ci_method,  # type: ignore[arg-type]
+        bootstrap_samples=bootstrap_samples,
+        refusal_threshold=refusal_threshold,
+    )
+    config.validate()
+    if out.is_dir():
+        raise InvalidArgument(f"--out: {out} is a folder; give a file name such as eval.json")
+
+    _quiet_transformers()
+    specs = {"--policy": model_spec, "--baseline": baseline_spec, "--judge": judge}
+    if DEFAULT_MODEL in specs.values() and not is_ready(default_model_dir()):
+        setup_default_model(progress=console.print)
+    paths = {flag: _resolve(spec, flag) for flag, spec in specs.items()}
+
+    from cai.backends.transformers import TransformersBackend
+
+    loaded: dict[str, TransformersBackend] = {}  # one backend per model, whatever roles it plays
+
+    def load(flag: str) -> TransformersBackend:
+        path = paths[flag]
+        if path not in loaded:
+            with console.status(f"loading {path}"):
+                try:
+                    loaded[path] = TransformersBackend(path, device=device, dtype=dtype)
+                except NotFound as exc:
+                    raise NotFound(f"{flag}: {str(exc).removeprefix('--model: ')}") from exc
+        return loaded[path]
+
+    policy_b, baseline_b, judge_b = load("--policy"), load("--baseline"), load("--judge")
+    console.print(
+        f"policy {policy_b.model_id}{f' + adapter {adapter_dir}' if adapter_dir else ''}, "
+        f"baseline {baseline_b.model_id}, judge {judge_b.model_id} "
+        f"({len(loaded)} model{'s' if len(loaded) > 1 else ''} loaded, {policy_b.device}), "
+        f"constitution {cons.id} {cons.version}, {len(records)} prompts",
+        highlight=False,
+    )
+    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+    async def run(progress: Progress) -> evaluation.EvalReport:
+        tasks = {stage: progress.add_task(stage, total=len(records)) for stage in evaluation.STAGES}
+        try:
+            return await evaluation.evaluate(
+                policy_b,
+                baseline_b,
+                judge_b,
+                cons,
+                records,
+                config,
+                adapter=adapter_dir,
+                advance=lambda stage: progress.advance(tasks[stage]),
+            )
+        except (OSError, ValueError) as exc:  # peft could not read or apply the adapter
+            if adapter_dir is None or isinstance(exc, CAIError):
+                raise
+            flag = "--adapter" if adapter else "--policy"
+            raise InvalidArgument(f"{flag}: cannot load adapter {adapter_dir}: {exc}") from exc
+        finally:
+            for backend in loaded.values():
+                await backend.close()
+
+    with Progress(*columns, console=console) as progress:
+        report = asyncio.run(run(progress))
+    console.print(evaluation.report_table(report))
+    write_report(report.to_dict(), out)
+    console.print(f"wrote {out} in {report.duration_s:.0f} s", highlight=False)
+
+
+def write_report(data: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out)
+
+
+COMMANDS = [eval_command]
