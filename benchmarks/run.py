@@ -201,7 +201,18 @@ def bench_memory(limit: int) -> None:
     rows = []
     for dtype in ("auto", "float32"):
         with tempfile.TemporaryDirectory() as out:
-            command = ["cai", "up", "--limit", str(limit), "--out", out, "--dtype", dtype]
+            command = [
+                "cai",
+                "up",
+                "--limit",
+                str(limit),
+                "--out",
+                out,
+                "--dtype",
+                dtype,
+                "--train-steps",
+                "0",
+            ]
             start = time.perf_counter()
             child = subprocess.Popen(
                 [sys.executable, "-m", "cai.cli", *command[1:]],

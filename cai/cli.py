@@ -262,6 +262,28 @@ def constitution_import(
     help="Run the stages as stream stages on this Kafka broker (topics cai-up.<run id>.<random>.*) "
     "and export their records into the run folder.",
 )
+@click.option(
+    "--train-steps",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Also train the policy online for N DPO steps while the pipeline runs, hot-swapping each "
+    "published version, and evaluate it before and after [default: 16; 0 with --services or --kafka, "
+    "which do not train yet].",
+)
+@click.option(
+    "--train-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="YAML of trainer settings for --train-steps (see `cai train`), e.g. learning_rate, "
+    "publish_every (default: 4 versions per run), max_staleness.",
+)
+@click.option(
+    "--eval-prompts",
+    type=click.IntRange(min=0),
+    default=16,
+    show_default=True,
+    help="With --train-steps: prompts (alternating categories) for the before/after evaluation.",
+)
 def up(
     prompts: Path | None,
     constitution_path: str,
@@ -279,8 +301,12 @@ def up(
     dtype: str,
     services: bool,
     kafka: str | None,
+    train_steps: int | None,
+    train_config: Path | None,
+    eval_prompts: int,
 ) -> None:
-    """Run SL-CAI and RL-CAI data generation on one machine and write runs/<id>/."""
+    """Run SL-CAI and RL-CAI data generation on one machine and write runs/<id>/; with
+    --train-steps (the default) also train the policy online and evaluate it before and after."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cai import constitution as constitution_mod
@@ -291,6 +317,13 @@ def up(
 
     if services and kafka:
         raise InvalidArgument("--services and --kafka: choose one transport")
+    if train_steps is None:
+        train_steps = 0 if services or kafka else 16
+    if train_steps and (services or kafka):
+        raise InvalidArgument(
+            "--train-steps: online training runs in process; with --services or --kafka give "
+            "--train-steps 0 and run `cai train --source kafka` beside the services"
+        )
     if out is not None and out.is_dir() and any(out.iterdir()):
         raise InvalidArgument(
             f"--out: {out} is not empty; choose a new folder so no earlier run is overwritten"
@@ -345,9 +378,93 @@ def up(
         async with loopback_stages(backend, cons) as stages:
             return await pipeline.run(stages, config, records, advance)
 
+    if train_steps:
+        _up_with_training(backend, cons, config, records, train_steps, train_config, eval_prompts, dtype)
+        return
     with Progress(*columns, console=console) as progress:
         info = asyncio.run(run(progress))
     _print_summary(info, pairs, config.out)
+
+
+def _up_with_training(
+    policy: Any,
+    cons: Any,
+    config: Any,
+    records: list[Any],
+    steps: int,
+    train_config_file: Path | None,
+    eval_prompts: int,
+    dtype: str,
+) -> None:
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cai import pipeline
+    from cai.backends.transformers import TransformersBackend
+    from cai.engine import EngineConfig
+    from cai.evaluation import comparison_table
+    from trainer.config import TrainConfig
+    from trainer.online import run_online, write_outputs
+
+    defaults = {"publish_every": max(1, steps // 4)}  # four versions per run
+    run = {
+        "model": policy.model_id,
+        "mode": "online-dpo",
+        "source": "memory",
+        "output_dir": str(config.out / "train"),
+        "max_steps": steps,
+        "device": str(policy.device),
+        "dtype": dtype,
+    }
+    if train_config_file is not None:
+        train = TrainConfig.from_yaml(train_config_file, run, defaults)
+    else:
+        train = TrainConfig.from_dict(defaults | run)
+    with console.status("loading the feedback model (the base weights, not trained)"):
+        feedback = TransformersBackend(policy.model_id, device=policy.device, dtype=dtype)
+    console.print(
+        f"online DPO: {steps} steps of {train.samples_per_step} pairs, a new policy version every "
+        f"{train.publish_every} steps, max staleness {train.max_staleness}; "
+        f"evaluation on {min(eval_prompts, len(records))} prompts before and after",
+        highlight=False,
+    )
+    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    started = time.time()
+    config.out.mkdir(parents=True, exist_ok=True)
+    with Progress(*columns, console=console) as progress:
+        tasks = {
+            "eval": progress.add_task("evaluation", total=None),
+            "pairs": progress.add_task("pairs generated", total=None),
+            "steps": progress.add_task("training steps", total=steps),
+        }
+
+        def advance(task: str, amount: float) -> None:
+            progress.advance(tasks[task], amount)
+
+        online = asyncio.run(
+            run_online(policy, feedback, cons, config, records, train, eval_prompts, advance)
+        )
+    loop_info = write_outputs(config.out, online)
+    info = pipeline.write_run_info(
+        config,
+        online.results,
+        started,
+        cons,
+        policy.model_id,
+        EngineConfig(),
+        train=loop_info,
+    )
+    _print_summary(info, config.pairs, config.out)
+    if online.before and online.after:
+        console.print(comparison_table([("before", online.before), ("after", online.after)]))
+    latencies = ", ".join(f"{v['version']} {v['publish_to_serve_s']:.2f} s" for v in online.versions)
+    console.print(
+        f"trained {len(online.steps)} steps ({online.stale} stale pairs dropped); policy versions "
+        f"served (publish to serve): {latencies or 'none'}; plot: {config.out / 'training.png'}, "
+        f"evaluation: {config.out / 'eval.json'}",
+        highlight=False,
+    )
 
 
 def _print_summary(info: dict[str, Any], pairs: str, out: Path) -> None:

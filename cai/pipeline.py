@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from cai import __version__
-from cai.backends.base import Completion, SamplingParams
+from cai.backends.base import Backend, Completion, SamplingParams
 from cai.constitution import Constitution, Conversation
 from cai.engine import CAIEngine, ComparisonResult, CritiqueChain, EngineConfig
 from cai.errors import InvalidArgument
@@ -125,14 +125,18 @@ class Stages(Protocol):
 
 
 class LocalStages:
-    def __init__(self, engine: CAIEngine):
+    """The stages in this process: answers from `policy` (default: the engine's backend, which
+    critiques and judges); `cai up --train-steps` gives the policy its own, trained, weights."""
+
+    def __init__(self, engine: CAIEngine, policy: Backend | None = None):
         self.engine = engine
+        self.policy = policy or engine.backend
         self.constitution = engine.constitution
         self.model_id = engine.backend.model_id
         self.engine_config = engine.config
 
     async def respond(self, conversation: Conversation, params: SamplingParams) -> list[Completion]:
-        return await self.engine.backend.generate(await self.engine.backend.render(conversation), params)
+        return await self.policy.generate(await self.policy.render(conversation), params)
 
     async def critique_revise(self, conversation: Conversation, rounds: int, seed: int) -> CritiqueChain:
         return await self.engine.critique_revise(conversation, rounds, seed=seed)
@@ -152,7 +156,7 @@ class LocalStages:
         )
 
 
-async def _process(
+async def process_prompt(
     stages: Stages, config: RunConfig, record: PromptRecord, advance: Callable[[Stage], None]
 ) -> PromptResult:
     seed = prompt_seed(config.seed, record.id)
@@ -172,7 +176,9 @@ async def _process(
     return PromptResult(record, seed, responses, chain, pair, result, completions[0].policy_version)
 
 
-def _records(result: PromptResult, c: Constitution, model_id: str, run_id: str) -> dict[str, dict[str, Any]]:
+def records_of(
+    result: PromptResult, c: Constitution, model_id: str, run_id: str
+) -> dict[str, dict[str, Any]]:
     rec = result.record
     meta = {
         "prompt_id": rec.id,
@@ -243,7 +249,7 @@ class RunWriter:
         self.next = 0
 
     def add(self, index: int, result: PromptResult, model_id: str) -> None:
-        self.done[index] = _records(result, self.constitution, model_id, self.run_id)
+        self.done[index] = records_of(result, self.constitution, model_id, self.run_id)
         while self.next in self.done:
             for kind, record in self.done.pop(self.next).items():
                 self.files[kind].write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -292,7 +298,7 @@ async def run(
 
     async def bounded(index: int, record: PromptRecord) -> PromptResult:
         async with gate:
-            result = await _process(stages, config, record, advance)
+            result = await process_prompt(stages, config, record, advance)
         writer.add(index, result, stages.model_id)
         return result
 

@@ -231,8 +231,11 @@ class TrainConfig:
             raise InvalidArgument(f"{where}: {exc}") from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        """Read a YAML mapping of field names; `overrides` (set CLI flags) win over the file."""
+    def from_yaml(
+        cls, path: str | Path, overrides: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None
+    ) -> TrainConfig:
+        """Read a YAML mapping of field names; `overrides` (set CLI flags) win over the file, which
+        wins over `defaults` (the caller's, in place of the dataclass's)."""
         path = Path(path)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -244,7 +247,7 @@ class TrainConfig:
             loaded = {}
         if not isinstance(loaded, dict):
             raise InvalidArgument(f"{path}: expected a mapping of setting names to values")
-        return cls.from_dict({**loaded, **(overrides or {})}, where=str(path))
+        return cls.from_dict({**(defaults or {}), **loaded, **(overrides or {})}, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -51,25 +51,27 @@ def _messages(value: Any, key: str, where: str, assistant: bool) -> Conversation
 
 def load_samples(path: Path, mode: str) -> list[Sample]:
     """Every record of a run folder's JSONL file; a bad line stops with its file:line."""
-    keys = ("completion",) if mode == "sft" else ("chosen", "rejected")
-    samples = []
-    for number, row in read_objects(path, "data"):
-        where = f"{path}:{number}"
-        sample_id = row.get("sample_id")
-        if not isinstance(sample_id, str) or not sample_id:
-            raise InvalidArgument(f"{where}: sample_id: must be a non-empty string")
-        prompt = _messages(row.get("prompt"), "prompt", where, assistant=False)
-        completions = tuple(_messages(row.get(k), k, where, assistant=True) for k in keys)
-        p = row.get("p_chosen", 1.0) if mode != "sft" else 1.0
-        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1:
-            raise InvalidArgument(f"{where}: p_chosen: must be a number in [0, 1], got {p!r}")
-        version = row.get("policy_version") or "base"
-        if not isinstance(version, str):
-            raise InvalidArgument(f"{where}: policy_version: must be a string, got {version!r}")
-        samples.append(Sample(sample_id, where, prompt, completions, float(p), version))
+    samples = [sample_of_row(row, mode, f"{path}:{number}") for number, row in read_objects(path, "data")]
     if not samples:
         raise InvalidArgument(f"data: {path} holds no samples")
     return samples
+
+
+def sample_of_row(row: dict[str, Any], mode: str, where: str) -> Sample:
+    """A sample from a record of sft.jsonl (mode sft) or preferences.jsonl (dpo, online-dpo)."""
+    keys = ("completion",) if mode == "sft" else ("chosen", "rejected")
+    sample_id = row.get("sample_id")
+    if not isinstance(sample_id, str) or not sample_id:
+        raise InvalidArgument(f"{where}: sample_id: must be a non-empty string")
+    prompt = _messages(row.get("prompt"), "prompt", where, assistant=False)
+    completions = tuple(_messages(row.get(k), k, where, assistant=True) for k in keys)
+    p = row.get("p_chosen", 1.0) if mode != "sft" else 1.0
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1:
+        raise InvalidArgument(f"{where}: p_chosen: must be a number in [0, 1], got {p!r}")
+    version = row.get("policy_version") or "base"
+    if not isinstance(version, str):
+        raise InvalidArgument(f"{where}: policy_version: must be a string, got {version!r}")
+    return Sample(sample_id, where, prompt, completions, float(p), version)
 
 
 class Source(Protocol):

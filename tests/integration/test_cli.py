@@ -93,7 +93,7 @@ def test_up_bad_input_is_one_clear_line(tmp_path, args, message):
 @pytest.mark.slow
 def test_up_writes_a_valid_run(tmp_path, default_model):
     out = tmp_path / "run"
-    result = cai("up", "--limit", "2", "--seed", "3", "--out", str(out))
+    result = cai("up", "--limit", "2", "--seed", "3", "--train-steps", "0", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "cai up summary" in result.stdout
     c = constitution.load("default")
@@ -122,7 +122,7 @@ def test_up_writes_a_valid_run(tmp_path, default_model):
 @pytest.mark.slow
 def test_up_through_the_services_gives_the_same_records(tmp_path, default_model):
     runs = {}
-    for name, extra in (("embedded", []), ("services", ["--services"])):
+    for name, extra in (("embedded", ["--train-steps", "0"]), ("services", ["--services"])):
         out = tmp_path / name
         result = cai("up", "--limit", "1", "--seed", "5", "--dtype", "float32", "--out", str(out), *extra)
         assert result.returncode == 0, result.stderr

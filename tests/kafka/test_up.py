@@ -28,7 +28,19 @@ def records(out) -> dict[str, list[dict]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("pairs", ["revision", "samples"])
 def test_up_through_kafka_gives_the_same_records(tmp_path, default_model, kafka_broker, pairs):
-    common = ["up", "--limit", "2", "--seed", "3", "--dtype", "float32", "--pairs", pairs]
+    common = [
+        "up",
+        "--limit",
+        "2",
+        "--seed",
+        "3",
+        "--dtype",
+        "float32",
+        "--pairs",
+        pairs,
+        "--train-steps",
+        "0",
+    ]
     embedded = cai(*common, "--out", str(tmp_path / "embedded"))
     assert embedded.returncode == 0, embedded.stderr
     streamed = cai(*common, "--out", str(tmp_path / "kafka"), "--kafka", kafka_broker.bootstrap)

@@ -1,0 +1,197 @@
+"""`cai up --train-steps N`: the whole loop in one process.
+
+The policy answers prompts, the feedback model (the base weights, never trained) critiques,
+revises and judges, each finished pair goes to the trainer through an in-process queue, and every
+`publish_every` steps the trainer publishes its adapter, which the policy loads between batches
+(the same archive, hash check and swap as the services). Generation and training run at the same
+time, so pairs from a policy a version or two old are trained; older ones are dropped
+(`max_staleness`). The prompts are answered round after round, each round with new seeds, until
+the trainer has done its steps. Before and after, `cai eval` measures the policy against the base
+model on the same prompts with fresh seeds, and `training.png` plots the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cai import pipeline
+from cai.backends.transformers import TransformersBackend
+from cai.constitution import Constitution
+from cai.engine import CAIEngine
+from cai.evaluation import EvalConfig, EvalReport, evaluate
+from cai.policy_versions import PolicyVersion, fetch_adapter
+from trainer.config import TrainConfig
+from trainer.data import Sample, sample_of_row
+from trainer.streams import MemorySource
+from trainer.train import StepResult, Trainer
+
+
+@dataclass
+class OnlineResult:
+    results: list[pipeline.PromptResult]  # every pair generated, trained or not
+    steps: list[dict[str, Any]]  # the trainer's log lines
+    versions: list[dict[str, Any]] = field(default_factory=list)  # published: version, step, seconds
+    before: EvalReport | None = None
+    after: EvalReport | None = None
+    stale: int = 0
+
+
+def _eval_prompts(records: list[pipeline.PromptRecord], limit: int) -> list[pipeline.PromptRecord]:
+    """Up to `limit` prompts, taken in turn from each category, so red-team and benign both count."""
+    groups: dict[str, list[pipeline.PromptRecord]] = {}
+    for r in records:
+        groups.setdefault(r.category, []).append(r)
+    chosen: list[pipeline.PromptRecord] = []
+    while len(chosen) < limit and any(groups.values()):
+        for items in groups.values():
+            if items and len(chosen) < limit:
+                chosen.append(items.pop(0))
+    return chosen
+
+
+async def run_online(
+    policy: TransformersBackend,
+    feedback: TransformersBackend,
+    constitution: Constitution,
+    config: pipeline.RunConfig,
+    records: list[pipeline.PromptRecord],
+    train_config: TrainConfig,
+    eval_prompts: int,
+    advance: Callable[[str, float], None] = lambda task, amount: None,
+) -> OnlineResult:
+    """`advance(task, amount)` reports progress: "pairs", "steps" and "eval"."""
+    loop = asyncio.get_running_loop()
+    engine = CAIEngine(feedback, constitution)
+    stages = pipeline.LocalStages(engine, policy=policy)
+    eval_set = _eval_prompts(records, eval_prompts)
+    eval_config = EvalConfig(seed=config.seed + 7919, response_params=config.response_params)
+
+    async def measure() -> EvalReport:
+        tick = lambda _: advance("eval", 1)  # noqa: E731
+        return await evaluate(policy, feedback, feedback, constitution, eval_set, eval_config, advance=tick)
+
+    before = await measure() if eval_set else None
+
+    feed: queue.Queue[Sample | None] = queue.Queue()
+    versions: list[dict[str, Any]] = []
+    cache = Path(train_config.output_dir) / "served"
+
+    def serve(version: PolicyVersion) -> None:
+        """In the trainer's thread: the policy loads the new adapter before training goes on."""
+        started = time.perf_counter()
+        folder = fetch_adapter(version, cache)
+        asyncio.run_coroutine_threadsafe(policy.load_adapter(folder, version.version), loop).result()
+        seconds = time.perf_counter() - started
+        versions.append({"version": version.version, "step": version.step, "publish_to_serve_s": seconds})
+
+    source = MemorySource(feed, lambda: trainer.stop_requested)
+    trainer = Trainer(train_config, source=source, on_publish=serve)
+    steps: list[dict[str, Any]] = []
+
+    def on_step(step: StepResult) -> None:
+        steps.append({k: v for k, v in step.metrics.items() if k != "sample_ids"})
+        advance("steps", 1)
+
+    training = asyncio.ensure_future(asyncio.to_thread(trainer.train, on_step))
+    results: list[pipeline.PromptResult] = []
+    writer = pipeline.RunWriter(config.out, constitution)
+    gate = asyncio.Semaphore(config.concurrency)
+
+    async def one(index: int, record: pipeline.PromptRecord, round_seed: int) -> None:
+        async with gate:
+            round_config = replace(config, seed=round_seed)
+            result = await pipeline.process_prompt(stages, round_config, record, lambda _: None)
+        results.append(result)
+        writer.add(index, result, stages.model_id)
+        row = pipeline.records_of(result, constitution, stages.model_id, config.out.name)["preference"]
+        feed.put(sample_of_row(row, "online-dpo", f"round seed {round_seed}, prompt {record.id}"))
+        advance("pairs", 1)
+
+    async def generate() -> None:
+        index = 0
+        for round_number in range(1_000_000):  # until the trainer is done
+            seed = config.seed + round_number
+            await asyncio.gather(*(one(index + i, r, seed) for i, r in enumerate(records)))
+            index += len(records)
+
+    generating = asyncio.ensure_future(generate())
+    try:
+        await asyncio.wait([training, generating], return_when=asyncio.FIRST_COMPLETED)
+        if generating.done():
+            generating.result()  # a generation error stops the run
+    finally:
+        trainer.request_stop()
+        feed.put(None)
+        generating.cancel()
+        await asyncio.gather(generating, return_exceptions=True)
+        result = await training
+        trainer.close()
+        writer.close()
+    after = await measure() if eval_set else None
+    return OnlineResult(results, steps, versions, before, after, result.stale)
+
+
+def write_outputs(out: Path, online: OnlineResult) -> dict[str, Any]:
+    """eval.json (before and after) and training.png; returns what run.json records of the loop."""
+    reports = [("before", online.before), ("after", online.after)]
+    evaluation = {name: report.to_dict() for name, report in reports if report}
+    if evaluation:
+        (out / "eval.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
+    plot(out / "training.png", online)
+    return {
+        "steps": len(online.steps),
+        "pairs_generated": len(online.results),
+        "stale_dropped": online.stale,
+        "versions": online.versions,
+        "win_rate": {name: {c.category: c.win_rate for c in r.categories} for name, r in reports if r},
+    }
+
+
+def plot(path: Path, online: OnlineResult) -> None:
+    """Loss, mean preference margin, win-rate (before and after) and staleness over the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in online.steps]
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    panels = [
+        (axes[0][0], "loss", "DPO loss"),
+        (axes[0][1], "margin", "mean preference margin d"),
+        (axes[1][1], "staleness", "mean staleness of trained pairs (versions)"),
+    ]
+    for axis, key, title in panels:
+        axis.plot(steps, [row.get(key, float("nan")) for row in online.steps], marker=".")
+        axis.set_title(title)
+    for row in online.versions:
+        for axis, _, _ in panels:
+            axis.axvline(row["step"], color="grey", alpha=0.3, linewidth=0.8)  # a new policy version
+    win = axes[1][0]
+    last = steps[-1] if steps else 0
+    for name, x, report in (("before", 0, online.before), ("after", last, online.after)):
+        if report is None:
+            continue
+        for c in report.categories:
+            win.errorbar(
+                [x], [c.win_rate], yerr=[[c.win_rate - c.ci_low], [c.ci_high - c.win_rate]],
+                fmt="o", capsize=4, label=f"{c.category} ({name})",
+            )  # fmt: skip
+    win.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    win.set_ylim(0, 1)
+    win.set_title("win-rate over the base model (judge)")
+    if online.before or online.after:
+        win.legend(fontsize=7)
+    for axis in axes[1]:
+        axis.set_xlabel("optimizer step")
+    figure.suptitle(f"cai up: online DPO, {len(steps)} steps, {len(online.versions)} policy versions")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
