@@ -314,8 +314,18 @@ class Trainer:
 
     def _logps(self, model: Any, items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = collate(items, self.pad_id).to(self.device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        return sequence_logps(logits, batch.labels)
+        # Logits only from the position that predicts the first completion token on: the LM head
+        # over the prompts (a vocabulary-wide row per token, in the forward and the backward pass)
+        # would be most of the step's memory and much of its time.
+        start = min(e.prompt_len for e in items) - 1
+        keep = batch.input_ids.shape[1] - start
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits
+        return sequence_logps(logits, batch.labels[:, start:])
 
     def _reference_logps(self, items: list[Encoded]) -> torch.Tensor:
         with torch.no_grad():
