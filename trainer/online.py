@@ -6,7 +6,8 @@ revises and judges, each finished pair goes to the trainer through an in-process
 (the same archive, hash check and swap as the services). Generation and training run at the same
 time, so pairs from a policy a version or two old are trained; older ones are dropped
 (`max_staleness`). The prompts are answered round after round, each round with new seeds, until
-the trainer has done its steps. Before and after, `cai eval` measures the policy against the base
+the trainer has done its steps, and at least once each (so the run folder holds every prompt's
+pair, as without training). Before and after, `cai eval` measures the policy against the base
 model on the same prompts with fresh seeds, and `training.png` plots the run.
 """
 
@@ -35,7 +36,7 @@ from trainer.train import StepResult, Trainer
 
 @dataclass
 class OnlineResult:
-    results: list[pipeline.PromptResult]  # every pair generated, trained or not
+    results: list[pipeline.PromptResult]  # the pairs in the run folder, in order, trained or not
     steps: list[dict[str, Any]]  # the trainer's log lines
     versions: list[dict[str, Any]] = field(default_factory=list)  # published: version, step, seconds
     before: EvalReport | None = None
@@ -65,8 +66,11 @@ async def run_online(
     train_config: TrainConfig,
     eval_prompts: int,
     advance: Callable[[str, float], None] = lambda task, amount: None,
+    overlap: bool = True,
 ) -> OnlineResult:
-    """`advance(task, amount)` reports progress: "pairs", "steps" and "eval"."""
+    """`advance(task, amount)` reports progress: "pairs", "steps" and "eval". With `overlap`
+    False, generation and training take turns (the pairs of one step, then that step, ...), as a
+    synchronous online-DPO loop does: benchmarks/online.py compares the two."""
     loop = asyncio.get_running_loop()
     engine = CAIEngine(feedback, constitution)
     stages = pipeline.LocalStages(engine, policy=policy)
@@ -95,12 +99,15 @@ async def run_online(
     trainer = Trainer(train_config, source=source, on_publish=serve)
     steps: list[dict[str, Any]] = []
 
+    stepped = asyncio.Event()
+
     def on_step(step: StepResult) -> None:
         steps.append({k: v for k, v in step.metrics.items() if k != "sample_ids"})
         advance("steps", 1)
+        loop.call_soon_threadsafe(stepped.set)
 
     training = asyncio.ensure_future(asyncio.to_thread(trainer.train, on_step))
-    results: list[pipeline.PromptResult] = []
+    finished: dict[int, pipeline.PromptResult] = {}
     writer = pipeline.RunWriter(config.out, constitution)
     gate = asyncio.Semaphore(config.concurrency)
 
@@ -108,33 +115,51 @@ async def run_online(
         async with gate:
             round_config = replace(config, seed=round_seed)
             result = await pipeline.process_prompt(stages, round_config, record, lambda _: None)
-        results.append(result)
+        finished[index] = result
         writer.add(index, result, stages.model_id)
         row = pipeline.records_of(result, constitution, stages.model_id, config.out.name)["preference"]
         feed.put(sample_of_row(row, "online-dpo", f"round seed {round_seed}, prompt {record.id}"))
         advance("pairs", 1)
 
     async def generate() -> None:
+        if not overlap:
+            for index in range(1_000_000):  # until the trainer is done
+                per_step = train_config.samples_per_step
+                batch = [index * per_step + i for i in range(per_step)]
+                stepped.clear()
+                await asyncio.gather(
+                    *(one(i, records[i % len(records)], config.seed + i // len(records)) for i in batch)
+                )
+                await stepped.wait()
         index = 0
         for round_number in range(1_000_000):  # until the trainer is done
             seed = config.seed + round_number
             await asyncio.gather(*(one(index + i, r, seed) for i, r in enumerate(records)))
             index += len(records)
+            first_round.set()
 
+    first_round = asyncio.Event()
     generating = asyncio.ensure_future(generate())
+    round_done = asyncio.ensure_future(first_round.wait())
     try:
         await asyncio.wait([training, generating], return_when=asyncio.FIRST_COMPLETED)
+        if overlap and not generating.done():
+            # Every prompt gets its pair into the run folder, as without training.
+            await asyncio.wait([generating, round_done], return_when=asyncio.FIRST_COMPLETED)
         if generating.done():
             generating.result()  # a generation error stops the run
     finally:
         trainer.request_stop()
         feed.put(None)
+        round_done.cancel()
         generating.cancel()
         await asyncio.gather(generating, return_exceptions=True)
         result = await training
         trainer.close()
         writer.close()
     after = await measure() if eval_set else None
+    # The run folder holds the pairs up to the first one cut short when generation stopped.
+    results = [finished[i] for i in range(writer.next)]
     return OnlineResult(results, steps, versions, before, after, result.stale)
 
 
