@@ -179,6 +179,11 @@ class TrainConfig:
             raise InvalidArgument(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_target_modules:
             raise InvalidArgument("lora_target_modules: name at least one module")
+        if self.source != "file" and self.max_steps is None and self.lr_scheduler != "constant":
+            raise InvalidArgument(
+                "max_steps: a stream trains until it is stopped unless max_steps is set; without it "
+                "the learning rate cannot decay, so set lr_scheduler to 'constant'"
+            )
         if self.max_staleness is not None and self.max_staleness < 0:
             raise InvalidArgument(f"max_staleness: must not be negative, got {self.max_staleness}")
         if self.mode == "online-dpo":

@@ -123,11 +123,6 @@ class Trainer:
         elif source is None:
             raise InvalidArgument("source: 'memory' is fed by the process that runs the trainer (cai up)")
         self.source: Source = source
-        if self.total_steps is None and config.lr_scheduler != "constant":
-            raise InvalidArgument(
-                "max_steps: a stream trains until it is stopped unless max_steps is set; without it "
-                "the learning rate cannot decay, so set lr_scheduler to 'constant'"
-            )
         self._source_state = self.source.state()  # where the last whole step's samples end
         self.step = 0
         self.trained_ids: set[str] = set()  # de-duplication: ids trained in the current epoch

@@ -110,19 +110,22 @@ def test_trainer_runs_the_online_command() -> None:
     assert [t["metadata"]["name"] for t in trainer["spec"]["volumeClaimTemplates"]] == ["checkpoints"]
 
 
-def test_trainer_flags_exist() -> None:
-    """Each --flag the manifests give `cai train` is a TrainConfig field."""
-    from dataclasses import fields
+def test_trainer_arguments_make_a_valid_config() -> None:
+    """The manifests' `cai train` arguments parse as its flags and give a valid TrainConfig."""
+    import re
 
+    from trainer.cli import train
     from trainer.config import TrainConfig
 
-    known = {"--" + f.name.replace("_", "-") for f in fields(TrainConfig)}
     for overlay in OVERLAYS:
-        args = find(rendered(overlay), "StatefulSet", "cai-trainer")["spec"]["template"]["spec"][
+        container = find(rendered(overlay), "StatefulSet", "cai-trainer")["spec"]["template"]["spec"][
             "containers"
         ][0]
-        flags = {a for a in args["args"] if a.startswith("--")}
-        assert flags <= known, f"{overlay}: unknown trainer flags {flags - known}"
+        args = [re.sub(r"\$\((\w+)\)", "from-env", a) for a in container["args"]]
+        assert args[0] == "train"
+        context = train.make_context("train", args[1:])
+        given = {k: v for k, v in context.params.items() if v is not None and k != "config_file"}
+        TrainConfig.from_dict(given, f"{overlay} trainer args")  # raises, naming the setting
 
 
 # ---- the copies agree with the code -------------------------------------------------------------
