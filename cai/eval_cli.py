@@ -12,10 +12,12 @@ import click
 
 from cai.errors import CAIError, InvalidArgument, NotFound
 
+SERVICE = "policy:"  # a running policy service, e.g. policy:127.0.0.1:50051
+
 
 def split_policy(spec: str) -> tuple[str, str | None]:
     """'MODEL[:ADAPTER]' -> (model, adapter or None). A spec that is an existing folder is a model."""
-    if spec == "default" or Path(spec).expanduser().is_dir():
+    if spec == "default" or spec.startswith(SERVICE) or Path(spec).expanduser().is_dir():
         return spec, None
     model, sep, adapter = spec.rpartition(":")
     if not sep or not model or not adapter:
@@ -26,6 +28,8 @@ def split_policy(spec: str) -> tuple[str, str | None]:
 def _resolve(spec: str, flag: str) -> str:
     from cai.models import resolve_model
 
+    if spec.startswith(SERVICE):
+        return spec
     try:
         return resolve_model(spec)
     except NotFound as exc:
@@ -50,7 +54,8 @@ def _check_adapter(path: str, flag: str) -> Path:
     required=True,
     metavar="MODEL[:ADAPTER]",
     help="The model to evaluate: 'default' or a model folder, optionally with ':' and a LoRA adapter "
-    "folder (what `cai train` writes to OUTPUT_DIR/model/).",
+    "folder (what `cai train` writes to OUTPUT_DIR/model/), or policy:HOST:PORT, a running policy "
+    "service (whatever version it serves). --baseline and --judge take the same forms.",
 )
 @click.option(
     "--adapter",
@@ -168,6 +173,10 @@ def eval_command(
         if inline_adapter
         else None
     )
+    if model_spec.startswith(SERVICE) and (adapter_dir or not baseline):
+        raise InvalidArgument(
+            "--policy: a policy service serves its own version; give --baseline (and no adapter)"
+        )
     baseline_spec = baseline or model_spec
     records = pipeline.load_prompts(prompts, limit)
     cons = constitution_mod.load(constitution_path)
@@ -190,12 +199,18 @@ def eval_command(
         setup_default_model(progress=console.print)
     paths = {flag: _resolve(spec, flag) for flag, spec in specs.items()}
 
+    from cai.backends.base import Backend
     from cai.backends.transformers import TransformersBackend
 
-    loaded: dict[str, TransformersBackend] = {}  # one backend per model, whatever roles it plays
+    loaded: dict[str, Backend] = {}  # one backend per model, whatever roles it plays
 
-    def load(flag: str) -> TransformersBackend:
+    def load(flag: str) -> Backend:
         path = paths[flag]
+        if path.startswith(SERVICE):
+            from services.backends import PolicyServiceBackend
+
+            # started (GetInfo) in the event loop below, where its channel lives
+            loaded.setdefault(path, PolicyServiceBackend(path.removeprefix(SERVICE)))
         if path not in loaded:
             with console.status(f"loading {path}"):
                 try:
@@ -208,7 +223,7 @@ def eval_command(
     console.print(
         f"policy {policy_b.model_id}{f' + adapter {adapter_dir}' if adapter_dir else ''}, "
         f"baseline {baseline_b.model_id}, judge {judge_b.model_id} "
-        f"({len(loaded)} model{'s' if len(loaded) > 1 else ''} loaded, {policy_b.device}), "
+        f"({len(loaded)} model{'s' if len(loaded) > 1 else ''}, {getattr(judge_b, 'device', 'remote')}), "
         f"constitution {cons.id} {cons.version}, {len(records)} prompts",
         highlight=False,
     )
@@ -217,6 +232,8 @@ def eval_command(
     async def run(progress: Progress) -> evaluation.EvalReport:
         tasks = {stage: progress.add_task(stage, total=len(records)) for stage in evaluation.STAGES}
         try:
+            for backend in loaded.values():
+                await backend.start()  # a policy service: its model and version, or a clear error
             return await evaluation.evaluate(
                 policy_b,
                 baseline_b,

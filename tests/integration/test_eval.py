@@ -166,3 +166,49 @@ def test_bad_input_is_one_clear_line(tmp_path, default_model, args, message):
     assert message.replace("TMP", str(tmp_path)) in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "e.json").exists()
+
+
+async def test_cli_evaluates_a_running_policy_service(tiny_model, tmp_path):
+    """`--policy policy:HOST:PORT`: the answers come from the service, whatever version it serves
+    (here an adapter it loaded, as it does when the trainer publishes one)."""
+    import asyncio
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cai.backends.transformers import TransformersBackend
+    from cai.policy_versions import PolicyVersion, fetch_adapter, pack_adapter
+    from services.server import start_service
+    from services.settings import load_settings
+
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    archive, sha256 = pack_adapter(peft_model, tmp_path / "policies", "v1")
+    backend = TransformersBackend(tiny_model, device="cpu", dtype="float32")
+    await backend.load_adapter(
+        fetch_adapter(PolicyVersion("v1", archive.as_uri(), sha256, 1), tmp_path), "v1"
+    )
+    service = await start_service("policy", load_settings("policy", None, port=0, metrics_port=0), backend)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": p.id, "category": p.category, "prompt": p.prompt}) + "\n" for p in PROMPTS)
+    )
+    out = tmp_path / "eval.json"
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cai.cli", "eval", "--policy", f"policy:{service.address}",
+            "--baseline", tiny_model, "--judge", tiny_model, "--prompts", str(prompts),
+            "--max-new-tokens", "8", "--dtype", "float32", "--out", str(out),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(process.communicate(), 600)
+    finally:
+        await service.stop(0)
+        await backend.close()
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    report = json.loads(out.read_text())
+    assert report["policy"].endswith("@v1")  # the service's model and the version it serves
+    assert {c["category"] for c in report["categories"]} == {"red-team", "benign", "all"}
+    assert all(item["policy_answer"] != item["baseline_answer"] for item in report["prompts"])
