@@ -203,37 +203,31 @@ def eval_command(
     from cai.backends.transformers import TransformersBackend
 
     loaded: dict[str, Backend] = {}  # one backend per model, whatever roles it plays
-
-    def load(flag: str) -> Backend:
-        path = paths[flag]
-        if path.startswith(SERVICE):
-            from services.backends import PolicyServiceBackend
-
-            # started (GetInfo) in the event loop below, where its channel lives
-            loaded.setdefault(path, PolicyServiceBackend(path.removeprefix(SERVICE)))
-        if path not in loaded:
+    for flag, path in paths.items():
+        if path not in loaded and not path.startswith(SERVICE):
             with console.status(f"loading {path}"):
                 try:
                     loaded[path] = TransformersBackend(path, device=device, dtype=dtype)
                 except NotFound as exc:
                     raise NotFound(f"{flag}: {str(exc).removeprefix('--model: ')}") from exc
-        return loaded[path]
-
-    policy_b, baseline_b, judge_b = load("--policy"), load("--baseline"), load("--judge")
-    console.print(
-        f"policy {policy_b.model_id}{f' + adapter {adapter_dir}' if adapter_dir else ''}, "
-        f"baseline {baseline_b.model_id}, judge {judge_b.model_id} "
-        f"({len(loaded)} model{'s' if len(loaded) > 1 else ''}, {getattr(judge_b, 'device', 'remote')}), "
-        f"constitution {cons.id} {cons.version}, {len(records)} prompts",
-        highlight=False,
-    )
     columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
     async def run(progress: Progress) -> evaluation.EvalReport:
+        from services.backends import PolicyServiceBackend
+
         tasks = {stage: progress.add_task(stage, total=len(records)) for stage in evaluation.STAGES}
         try:
-            for backend in loaded.values():
-                await backend.start()  # a policy service: its model and version, or a clear error
+            for path in paths.values():
+                if path not in loaded:  # a policy service: its channel lives in this event loop
+                    loaded[path] = PolicyServiceBackend(path.removeprefix(SERVICE))
+                    await loaded[path].start()  # its model and version, or a clear error
+            policy_b, baseline_b, judge_b = (loaded[paths[f]] for f in ("--policy", "--baseline", "--judge"))
+            progress.console.print(
+                f"policy {policy_b.model_id}@{policy_b.policy_version}"
+                f"{f' + adapter {adapter_dir}' if adapter_dir else ''}, baseline {baseline_b.model_id}, "
+                f"judge {judge_b.model_id}, constitution {cons.id} {cons.version}, {len(records)} prompts",
+                highlight=False,
+            )
             return await evaluation.evaluate(
                 policy_b,
                 baseline_b,

@@ -31,7 +31,7 @@ from tests.kafka.test_stream import push, push_prompts, read_all, settings, wait
 
 pytestmark = pytest.mark.integration
 
-STEPS = 40
+STEPS = 60
 PAIR = 2  # micro_batch_size: samples per step
 
 
@@ -98,7 +98,7 @@ def test_sigkilled_trainer_trains_every_preference_exactly_once(kafka_broker, ti
         deadline = time.monotonic() + 120
         while len(trained_steps(out)) <= before and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(rng.uniform(0, 0.4))
+        time.sleep(rng.uniform(0, 0.3))
         assert proc.poll() is None, f"the run ended before it was killed: {errors.read_text()[-2000:]}"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
