@@ -275,7 +275,7 @@ def constitution_import(
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="YAML of trainer settings for --train-steps (see `cai train`), e.g. learning_rate, "
-    "publish_every (default: 4 versions per run), max_staleness.",
+    "publish_every (default: about 4 versions per run, the last at the last step), max_staleness.",
 )
 @click.option(
     "--eval-prompts",
@@ -407,7 +407,9 @@ def _up_with_training(
     from trainer.config import TrainConfig
     from trainer.online import run_online, write_outputs
 
-    defaults = {"publish_every": max(1, steps // 4)}  # four versions per run
+    # About four versions per run, the last one at the last step (it is the one evaluated).
+    every = next(d for d in range(max(1, steps // 4), 0, -1) if steps % d == 0)
+    defaults = {"publish_every": every}
     run = {
         "model": policy.model_id,
         "mode": "online-dpo",

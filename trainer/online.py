@@ -14,6 +14,7 @@ model on the same prompts with fresh seeds, and `training.png` plots the run.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import queue
 import time
@@ -122,17 +123,18 @@ async def run_online(
         advance("pairs", 1)
 
     async def generate() -> None:
+        """Until cancelled, once the trainer is done."""
         if not overlap:
-            for index in range(1_000_000):  # until the trainer is done
-                per_step = train_config.samples_per_step
-                batch = [index * per_step + i for i in range(per_step)]
+            per_step = train_config.samples_per_step
+            for step in itertools.count():
+                batch = [step * per_step + i for i in range(per_step)]
                 stepped.clear()
                 await asyncio.gather(
                     *(one(i, records[i % len(records)], config.seed + i // len(records)) for i in batch)
                 )
                 await stepped.wait()
         index = 0
-        for round_number in range(1_000_000):  # until the trainer is done
+        for round_number in itertools.count():
             seed = config.seed + round_number
             await asyncio.gather(*(one(index + i, r, seed) for i, r in enumerate(records)))
             index += len(records)

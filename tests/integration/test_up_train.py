@@ -28,7 +28,7 @@ def test_up_trains_online_swaps_versions_and_evaluates(tiny_model, tmp_path):
     run = json.loads((out / "run.json").read_text())
     train = run["config"]["train"]
     assert train["steps"] == 3
-    # publish_every defaults to a quarter of the steps (at least 1): a version after every step,
+    # publish_every defaults to a divisor of the steps up to a quarter (here 1): a version per step,
     # each loaded by the policy before training went on
     assert [v["version"] for v in train["versions"]] == ["v1", "v2", "v3"]
     assert all(v["publish_to_serve_s"] > 0 for v in train["versions"])
