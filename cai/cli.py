@@ -403,7 +403,7 @@ def _up_with_training(
     from cai import pipeline
     from cai.backends.transformers import TransformersBackend
     from cai.engine import EngineConfig
-    from cai.evaluation import comparison_table
+    from cai.evaluation import STAGES, comparison_table
     from trainer.config import TrainConfig
     from trainer.online import run_online, write_outputs
 
@@ -436,7 +436,8 @@ def _up_with_training(
     config.out.mkdir(parents=True, exist_ok=True)
     with Progress(*columns, console=console) as progress:
         tasks = {
-            "eval": progress.add_task("evaluation", total=None),
+            # before and after: each prompt passes every evaluation stage
+            "eval": progress.add_task("evaluation", total=2 * len(STAGES) * min(eval_prompts, len(records))),
             "pairs": progress.add_task("pairs generated", total=None),
             "steps": progress.add_task("training steps", total=steps),
         }
