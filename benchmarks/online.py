@@ -195,7 +195,7 @@ async def loop_once(
             config,
             pipeline.load_prompts(None, limit),
             train,
-            eval_prompts=0,
+            eval_set=[],
             overlap=overlap,
         )
         seconds = time.perf_counter() - started

@@ -282,7 +282,8 @@ def constitution_import(
     type=click.IntRange(min=0),
     default=16,
     show_default=True,
-    help="With --train-steps: prompts (alternating categories) for the before/after evaluation.",
+    help="With --train-steps: prompts for the before/after evaluation, taken in turn from each "
+    "category of the prompt file (whatever --limit says).",
 )
 def up(
     prompts: Path | None,
@@ -379,7 +380,11 @@ def up(
             return await pipeline.run(stages, config, records, advance)
 
     if train_steps:
-        _up_with_training(backend, cons, config, records, train_steps, train_config, eval_prompts, dtype)
+        # The evaluation draws from the whole prompt file, so a --limit run still sees every category.
+        from trainer.online import balanced_prompts
+
+        eval_set = balanced_prompts(pipeline.load_prompts(prompts), eval_prompts)
+        _up_with_training(backend, cons, config, records, train_steps, train_config, eval_set, dtype)
         return
     with Progress(*columns, console=console) as progress:
         info = asyncio.run(run(progress))
@@ -393,7 +398,7 @@ def _up_with_training(
     records: list[Any],
     steps: int,
     train_config_file: Path | None,
-    eval_prompts: int,
+    eval_set: list[Any],
     dtype: str,
 ) -> None:
     import time
@@ -428,7 +433,7 @@ def _up_with_training(
     console.print(
         f"online DPO: {steps} steps of {train.samples_per_step} pairs, a new policy version every "
         f"{train.publish_every} steps, max staleness {train.max_staleness}; "
-        f"evaluation on {min(eval_prompts, len(records))} prompts before and after",
+        f"evaluation on {len(eval_set)} prompts before and after",
         highlight=False,
     )
     columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -437,7 +442,7 @@ def _up_with_training(
     with Progress(*columns, console=console) as progress:
         tasks = {
             # before and after: each prompt passes every evaluation stage
-            "eval": progress.add_task("evaluation", total=2 * len(STAGES) * min(eval_prompts, len(records))),
+            "eval": progress.add_task("evaluation", total=2 * len(STAGES) * len(eval_set)),
             "pairs": progress.add_task("pairs generated", total=None),
             "steps": progress.add_task("training steps", total=steps),
         }
@@ -445,9 +450,7 @@ def _up_with_training(
         def advance(task: str, amount: float) -> None:
             progress.advance(tasks[task], amount)
 
-        online = asyncio.run(
-            run_online(policy, feedback, cons, config, records, train, eval_prompts, advance)
-        )
+        online = asyncio.run(run_online(policy, feedback, cons, config, records, train, eval_set, advance))
     loop_info = write_outputs(config.out, online)
     info = pipeline.write_run_info(
         config,

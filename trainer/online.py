@@ -8,7 +8,8 @@ time, so pairs from a policy a version or two old are trained; older ones are dr
 (`max_staleness`). The prompts are answered round after round, each round with new seeds, until
 the trainer has done its steps, and at least once each (so the run folder holds every prompt's
 pair, as without training). Before and after, `cai eval` measures the policy against the base
-model on the same prompts with fresh seeds, and `training.png` plots the run.
+model on prompts taken in turn from each category of the prompt file, and `training.png` plots
+the run.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class OnlineResult:
     stale: int = 0
 
 
-def _eval_prompts(records: list[pipeline.PromptRecord], limit: int) -> list[pipeline.PromptRecord]:
+def balanced_prompts(records: list[pipeline.PromptRecord], limit: int) -> list[pipeline.PromptRecord]:
     """Up to `limit` prompts, taken in turn from each category, so red-team and benign both count."""
     groups: dict[str, list[pipeline.PromptRecord]] = {}
     for r in records:
@@ -65,17 +66,17 @@ async def run_online(
     config: pipeline.RunConfig,
     records: list[pipeline.PromptRecord],
     train_config: TrainConfig,
-    eval_prompts: int,
+    eval_set: list[pipeline.PromptRecord],
     advance: Callable[[str, float], None] = lambda task, amount: None,
     overlap: bool = True,
 ) -> OnlineResult:
-    """`advance(task, amount)` reports progress: "pairs", "steps" and "eval". With `overlap`
+    """Train online on `records` and evaluate before and after on `eval_set` (none: no evaluation).
+    `advance(task, amount)` reports progress: "pairs", "steps" and "eval". With `overlap`
     False, generation and training take turns (the pairs of one step, then that step, ...), as a
     synchronous online-DPO loop does: benchmarks/online.py compares the two."""
     loop = asyncio.get_running_loop()
     engine = CAIEngine(feedback, constitution)
     stages = pipeline.LocalStages(engine, policy=policy)
-    eval_set = _eval_prompts(records, eval_prompts)
     eval_config = EvalConfig(seed=config.seed + 7919, response_params=config.response_params)
 
     async def measure() -> EvalReport:
