@@ -134,3 +134,37 @@ def test_completion_logits_only_give_the_full_sequence_logps(tiny_model, tmp_pat
     assert torch.equal(counts, expected_counts)
     assert torch.allclose(fast, expected, atol=1e-5)
     trainer.close()
+
+
+def test_stream_records_become_samples():
+    # revisions feed sft (prompt -> final revision), preferences feed dpo; bad ones are refused
+    from cai.v1 import common_pb2, records_pb2
+    from trainer.streams import sample_of
+
+    prompt = records_pb2.PromptRecord(
+        prompt_id="p1",
+        conversation=common_pb2.Conversation(
+            messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="Hi?")]
+        ),
+    )
+    meta = common_pb2.SampleMetadata(sample_id="s1", policy_version="v2")
+    revision = sample_of(
+        records_pb2.RevisionRecord(metadata=meta, prompt=prompt, initial="Go.", final="Hello!"), "t@1"
+    )
+    assert revision.prompt == [{"role": "user", "content": "Hi?"}]
+    assert revision.completions == ([{"role": "assistant", "content": "Hello!"}],)
+    assert revision.policy_version == "v2"
+    pair = records_pb2.PreferenceRecord(
+        metadata=meta, prompt=prompt, chosen="A.", rejected="B.", p_chosen=0.7
+    )
+    preference = sample_of(pair, "t@2")
+    assert [c[0]["content"] for c in preference.completions] == ["A.", "B."] and preference.p_chosen == 0.7
+    with pytest.raises(InvalidArgument, match="p_chosen"):
+        sample_of(
+            records_pb2.PreferenceRecord(
+                metadata=meta, prompt=prompt, chosen="A", rejected="B", p_chosen=1.5
+            ),
+            "t@3",
+        )
+    with pytest.raises(InvalidArgument, match="sample_id"):
+        sample_of(records_pb2.RevisionRecord(prompt=prompt, final="x"), "t@4")
