@@ -82,7 +82,7 @@ class PolicyFollower:
         metadata = consumer.list_topics(self.topic, timeout=10).topics.get(self.topic)
         if metadata is None or metadata.error is not None:
             raise InvalidArgument(
-                f"kafka: topic {self.topic!r} does not exist; create it with `cai kafka topics create`"
+                f"kafka: topic {self.topic!r} does not exist; create it with `cai topics create`"
             )
         start = []
         for partition in metadata.partitions:

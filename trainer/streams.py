@@ -93,7 +93,7 @@ class KafkaSource:
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"kafka: topic {self.topic!r} does not exist on {self.bootstrap}; "
-                    "create it with `cai kafka topics create`"
+                    "create it with `cai topics create`"
                 )
             time.sleep(0.5)
 
