@@ -179,6 +179,8 @@ class TrainConfig:
             raise InvalidArgument(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_target_modules:
             raise InvalidArgument("lora_target_modules: name at least one module")
+        if self.source != "file" and self.data is not None:
+            raise InvalidArgument(f"data: a run folder is read by source 'file' only, not {self.source!r}")
         if self.source != "file" and self.max_steps is None and self.lr_scheduler != "constant":
             raise InvalidArgument(
                 "max_steps: a stream trains until it is stopped unless max_steps is set; without it "

@@ -101,6 +101,10 @@ def test_online_dpo_needs_a_stream_and_lora(tmp_path):
         TrainConfig.from_dict({"mode": "online-dpo", "data": str(tmp_path)})
     with pytest.raises(InvalidArgument, match="lora: online-dpo"):
         TrainConfig.from_dict({"mode": "online-dpo", "source": "memory", "lora": False, "max_steps": 1})
+    with pytest.raises(InvalidArgument, match="data: a run folder is read by source 'file' only"):
+        TrainConfig.from_dict(
+            {"source": "kafka", "kafka": "127.0.0.1:9092", "max_steps": 1, "data": "runs/x"}
+        )
     with pytest.raises(InvalidArgument, match="max_steps: a stream"):
         TrainConfig.from_dict({"source": "kafka", "kafka": "127.0.0.1:9092"})
     with pytest.raises(InvalidArgument, match="max_staleness"):
