@@ -501,38 +501,16 @@ def _print_summary(info: dict[str, Any], pairs: str, out: Path) -> None:
     )
 
 
-def _add_service_commands() -> None:
-    from services.cli import COMMANDS
+def _add_commands() -> None:
+    """The commands defined next to what they run: services, Kafka, trainer, evaluation."""
+    import importlib
 
-    for command in COMMANDS:
-        main.add_command(command)
-
-
-def _add_kafka_commands() -> None:
-    from cai.kafka.cli import COMMANDS
-
-    for command in COMMANDS:
-        main.add_command(command)
+    for module in ("services.cli", "cai.kafka.cli", "trainer.cli", "cai.eval_cli"):
+        for command in importlib.import_module(module).COMMANDS:
+            main.add_command(command)
 
 
-def _add_trainer_commands() -> None:
-    from trainer.cli import COMMANDS
-
-    for command in COMMANDS:
-        main.add_command(command)
-
-
-def _add_eval_commands() -> None:
-    from cai.eval_cli import COMMANDS
-
-    for command in COMMANDS:
-        main.add_command(command)
-
-
-_add_service_commands()
-_add_kafka_commands()
-_add_trainer_commands()
-_add_eval_commands()
+_add_commands()
 
 if __name__ == "__main__":
     main()
