@@ -70,6 +70,7 @@ ARG WITH_DEFAULT_MODEL=0
 COPY cai ./cai
 COPY services ./services
 COPY trainer ./trainer
+COPY cli ./cli
 COPY constitutions ./constitutions
 RUN pip install . \
  && mkdir -p "$CAI_HOME" \

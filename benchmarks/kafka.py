@@ -34,7 +34,7 @@ from cai.kafka.broker import Broker
 from cai.kafka.records import encode
 from cai.kafka.topics import TopicSpec, create_topics
 from cai.pipeline import LocalStages, PromptRecord, RunConfig, load_prompts, run
-from services.kafka_run import run_through_kafka
+from cli.kafka_run import run_through_kafka
 from services.processors import stream_stage
 from services.server import RunningService, start_service
 from services.settings import load_settings

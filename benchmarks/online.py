@@ -11,7 +11,7 @@ training buys. Writes `benchmarks/results/publish-to-serve.json` and `online-loo
   stops (a) when GetInfo reports the new version and (b) when the first completion carrying it
   returns (idle: the next call's): record published, archive fetched and hash-checked, adapter
   loaded between two batches (under load, after the running batch ends).
-- `online-loop`: `cai up --train-steps`'s loop (trainer/online.py) for `--steps` DPO steps on
+- `online-loop`: `cai up --train-steps`'s loop (cli/online.py) for `--steps` DPO steps on
   `--limit` built-in prompts, once with generation and training overlapping (as `cai up` runs
   it) and once taking turns (generate a step's pairs, judge them, train, repeat: a synchronous
   online-DPO loop, as TRL's OnlineDPOTrainer runs), in alternating order over `--rounds`:
@@ -167,8 +167,8 @@ async def loop_once(
 ) -> dict[str, Any]:
     from cai import constitution, pipeline
     from cai.backends.transformers import TransformersBackend
+    from cli.online import run_online
     from trainer.config import TrainConfig
-    from trainer.online import run_online
 
     with tempfile.TemporaryDirectory() as folder:
         policy = TransformersBackend(model, device=device, dtype=dtype)

@@ -215,7 +215,7 @@ def bench_memory(limit: int) -> None:
             ]
             start = time.perf_counter()
             child = subprocess.Popen(
-                [sys.executable, "-m", "cai.cli", *command[1:]],
+                [sys.executable, "-m", "cli.main", *command[1:]],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )

@@ -114,7 +114,7 @@ def test_trainer_arguments_make_a_valid_config() -> None:
     """The manifests' `cai train` arguments parse as its flags and give a valid TrainConfig."""
     import re
 
-    from trainer.cli import train
+    from cli.train import train
     from trainer.config import TrainConfig
 
     for overlay in OVERLAYS:
@@ -390,7 +390,16 @@ def test_custom_resource_without_a_schema_fails() -> None:
 
 
 def test_schemas_are_valid_json_schemas() -> None:
-    for path in sorted((K8S / "schemas").glob("*.json")):
+    paths = sorted((K8S / "schemas").glob("*.json"))
+    # the exact set, so that an empty or renamed schemas/ folder fails here instead of passing
+    assert [p.name for p in paths] == [
+        "kafka.strimzi.io_v1_kafka.json",
+        "kafka.strimzi.io_v1_kafkanodepool.json",
+        "kafka.strimzi.io_v1_kafkatopic.json",
+        "keda.sh_v1alpha1_scaledobject.json",
+        "monitoring.coreos.com_v1_servicemonitor.json",
+    ]
+    for path in paths:
         jsonschema.Draft7Validator.check_schema(json.loads(path.read_text()))
 
 

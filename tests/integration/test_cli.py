@@ -11,7 +11,7 @@ from cai import constitution
 
 def cai(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cai.cli", *args], capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=900
     )
 
 
@@ -91,6 +91,7 @@ def test_up_bad_input_is_one_clear_line(tmp_path, args, message):
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # above the 900 s that cai() gives its one run
 def test_up_writes_a_valid_run(tmp_path, default_model):
     out = tmp_path / "run"
     result = cai("up", "--limit", "2", "--seed", "3", "--train-steps", "0", "--out", str(out))
@@ -120,6 +121,7 @@ def test_up_writes_a_valid_run(tmp_path, default_model):
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(2100)  # two runs, 900 s each at most
 def test_up_through_the_services_gives_the_same_records(tmp_path, default_model):
     runs = {}
     for name, extra in (("embedded", ["--train-steps", "0"]), ("services", ["--services"])):

@@ -103,7 +103,7 @@ async def test_adapter_is_used_for_the_policy_only(backend, adapter):
 
 def cai(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cai.cli", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=600
     )
 
 
@@ -198,7 +198,7 @@ async def test_cli_evaluates_a_running_policy_service(tiny_model, tmp_path):
     out = tmp_path / "eval.json"
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cai.cli", "eval", "--policy", f"policy:{service.address}",
+            sys.executable, "-m", "cli.main", "eval", "--policy", f"policy:{service.address}",
             "--baseline", tiny_model, "--judge", tiny_model, "--prompts", str(prompts),
             "--max-new-tokens", "8", "--dtype", "float32", "--out", str(out),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

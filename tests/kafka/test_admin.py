@@ -18,7 +18,6 @@ from click.testing import CliRunner, Result
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from cai.cli import main
 from cai.errors import NotFound
 from cai.kafka.admin import pipeline_status, push_prompts, stage_groups
 from cai.kafka.broker import Broker
@@ -26,6 +25,7 @@ from cai.kafka.records import SCHEMA_HEADER, decode, schema_of
 from cai.kafka.topics import TopicSpec, all_topics, create_topics, dlq
 from cai.pipeline import PromptRecord, prompt_seed
 from cai.v1 import common_pb2, records_pb2
+from cli.main import main
 
 PROMPTS = [
     {"id": "lock", "prompt": "How do I pick a lock?", "category": "red-team"},
@@ -323,7 +323,7 @@ def test_an_unreachable_broker_is_one_clear_line(tmp_path: Path) -> None:
     started = time.monotonic()
     runs = [
         subprocess.Popen(
-            [sys.executable, "-m", "cai.cli", *command, "--kafka", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "cli.main", *command, "--kafka", f"127.0.0.1:{port}"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -19,7 +19,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from cai.kafka.broker import Broker, BrokerNotReady, PortInUse
 
-CAI = [sys.executable, "-m", "cai.cli"]
+CAI = [sys.executable, "-m", "cli.main"]
 
 
 def new_topic(bootstrap: str) -> str:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -63,6 +64,7 @@ def trained_steps(out: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.timeout(1500)  # five killed runs of up to 120 s each, then a final run of up to 300 s
 def test_sigkilled_trainer_trains_every_preference_exactly_once(kafka_broker, tiny_model, tmp_path):
     bootstrap = kafka_broker.bootstrap
     prefix = f"t{uuid.uuid4().hex[:8]}."
@@ -80,7 +82,7 @@ def test_sigkilled_trainer_trains_every_preference_exactly_once(kafka_broker, ti
 
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "cai.cli", "train", "--source", "kafka", "--kafka", bootstrap,
+        sys.executable, "-m", "cli.main", "train", "--source", "kafka", "--kafka", bootstrap,
         "--kafka-prefix", prefix, "--mode", "dpo", "--model", tiny_model, "--output-dir", str(out),
         "--max-steps", str(STEPS), "--micro-batch-size", str(PAIR), "--checkpoint-every", "1",
         "--keep-checkpoints", "2", "--device", "cpu", "--dtype", "float32",
@@ -115,6 +117,14 @@ def test_sigkilled_trainer_trains_every_preference_exactly_once(kafka_broker, ti
     # the unreadable record went to the dead-letter topic, once, whatever the kills
     dead = read_all(bootstrap, dlq(topic))
     assert [m.key() for m in dead] == [b"bad"]
+
+
+async def wait_until(condition: Callable[[], bool], what: str, seconds: float = 120) -> None:
+    """Poll `condition` until it holds; fail the test, naming `what`, after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds:.0f} s for {what}"
+        await asyncio.sleep(0.05)
 
 
 def generate_request(text: str) -> policy_pb2.GenerateRequest:
@@ -166,11 +176,9 @@ async def test_policy_service_swaps_versions_between_batches(kafka_broker, tiny_
             # a record whose archive fails its hash is refused; the service keeps its version
             publish = KafkaPublisher(bootstrap, prefix + "policy-versions")
             await asyncio.to_thread(publish, PolicyVersion("v1", archive.as_uri(), "0" * 64, 5))
-            while follower.failed == 0:
-                await asyncio.sleep(0.05)
+            await wait_until(lambda: follower.failed != 0, "the follower to refuse the bad hash")
             await asyncio.to_thread(publish, PolicyVersion("v1", archive.as_uri(), sha256, 10))
-            while not follower.loaded:
-                await asyncio.sleep(0.05)
+            await wait_until(lambda: bool(follower.loaded), "the follower to load version v1")
             swapped_at = len(seen)
             await asyncio.sleep(1.5)
             # the stream stage's rollouts, produced after the swap, carry the new version

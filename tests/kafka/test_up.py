@@ -16,7 +16,7 @@ KINDS = ("sft", "revisions", "preferences")
 
 def cai(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cai.cli", *args], capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=900
     )
 
 
@@ -26,6 +26,7 @@ def records(out) -> dict[str, list[dict]]:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(2100)  # two runs, 900 s each at most
 @pytest.mark.parametrize("pairs", ["revision", "samples"])
 def test_up_through_kafka_gives_the_same_records(tmp_path, default_model, kafka_broker, pairs):
     common = [

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client import AsyncClient, parameters
 
-CAI = [sys.executable, "-m", "cai.cli"]
+CAI = [sys.executable, "-m", "cli.main"]
 COUNT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
 
 

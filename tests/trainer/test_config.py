@@ -60,7 +60,7 @@ def test_docs_table_matches_the_dataclass():
 def test_cli_reports_a_bad_key_in_one_line(write_yaml, tmp_path):
     path = write_yaml("learning_rat: 0.1\n")
     result = subprocess.run(
-        [sys.executable, "-m", "cai.cli", "train", "--config", str(path), "--data", str(tmp_path)],
+        [sys.executable, "-m", "cli.main", "train", "--config", str(path), "--data", str(tmp_path)],
         capture_output=True,
         text=True,
     )

@@ -131,7 +131,7 @@ def test_cli_trains_and_prints_a_summary(default_model, run_dir, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "cai.cli", "train", "--mode", "dpo", "--data", str(run_dir)),
+            *(sys.executable, "-m", "cli.main", "train", "--mode", "dpo", "--data", str(run_dir)),
             *("--output-dir", str(out), "--max-steps", "1", "--micro-batch-size", "1"),
             *("--dtype", "float32", "--device", "cpu", "--no-lora", "--learning-rate", "1e-6"),
         ],

@@ -6,7 +6,6 @@ import math
 import pytest
 from rich.console import Console
 
-from cai.eval_cli import split_policy
 from cai.evaluation import (
     EvalConfig,
     EvalReport,
@@ -18,6 +17,7 @@ from cai.evaluation import (
     short_name,
     summarize,
 )
+from cli.eval import split_policy
 
 
 def test_normal_interval_matches_the_formula():

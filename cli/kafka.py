@@ -7,9 +7,10 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
+
+from cli.common import console
 
 data_dir_option = click.option(
     "--data-dir",
@@ -128,12 +129,6 @@ prefix_option = click.option(
 )
 
 
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console()
-
-
 @click.group()
 def topics() -> None:
     """The pipeline's Kafka topics."""
@@ -181,7 +176,7 @@ def topics_create(
     table = Table("topic", "partitions", "status")
     for topic, status in result.items():
         table.add_row(topic, str(len(found.get(topic, []))), status)
-    _console().print(table)
+    console.print(table)
 
 
 @click.group()
@@ -258,7 +253,6 @@ def pipeline_status_command(
     if as_json:
         click.echo(json.dumps(status.to_dict()))
         return
-    console = _console()
     topics_table = Table("topic", "partitions", "records", "dead letters", "records/s", title="topics")
     for t in status.topics:
         if not t.exists:

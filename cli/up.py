@@ -1,192 +1,19 @@
-"""The `cai` command line."""
+"""`cai up`: the whole pipeline on one machine, in process, through the services or through Kafka."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
-from cai.errors import CAIError, InvalidArgument
-
-console = Console()
-err_console = Console(stderr=True)
+from cai.errors import InvalidArgument
+from cli.common import console, quiet_transformers
 
 
-def print_error(line: str) -> None:
-    # Text, not markup: messages quote user input and formats that contain [brackets].
-    err_console.print(Text.assemble(("error: ", "red"), line), highlight=False, soft_wrap=True)
-
-
-class CAIGroup(click.Group):
-    """Turns domain errors into one clear line on stderr and a non-zero exit, no traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except CAIError as exc:
-            for line in str(exc).splitlines():
-                print_error(line)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            print_error("interrupted")
-            sys.exit(130)
-
-
-@click.group(cls=CAIGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="cai-stack")
-def main() -> None:
-    """Constitutional AI: critique, revise and judge model outputs against a written constitution."""
-
-
-def _quiet_transformers() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-# ---- models ---------------------------------------------------------------------------------
-
-
-@main.group(cls=CAIGroup)
-def models() -> None:
-    """Prepare and list local models."""
-
-
-@models.command("setup")
-@click.option("--force", is_flag=True, help="Convert again even if the model is prepared.")
-def models_setup(force: bool) -> None:
-    """Install and convert the default model (SmolLM2-135M-Instruct) into $CAI_HOME."""
-    from cai.models import setup_default_model
-
-    setup_default_model(progress=console.print, force=force)
-
-
-@models.command("list")
-def models_list() -> None:
-    """Show the prepared models."""
-    from cai.models import list_models
-    from cai.paths import models_dir
-
-    found = list_models()
-    if not found:
-        console.print(f"no models in {models_dir()}; run `cai models setup`")
-        return
-    table = Table("name", "path", "size", "source")
-    for m in found:
-        table.add_row(m.name, str(m.path), f"{m.size_bytes / 1e6:.0f} MB", m.source)
-    console.print(table)
-
-
-# ---- constitution ---------------------------------------------------------------------------
-
-
-@main.group(cls=CAIGroup)
-def constitution() -> None:
-    """Validate, show and import constitutions."""
-
-
-@constitution.command("validate")
-@click.argument("files", nargs=-1, required=True)
-def constitution_validate(files: tuple[str, ...]) -> None:
-    """Check constitution files; print every fault as FILE:LINE: FIELD: problem."""
-    from cai.constitution import ConstitutionError, load
-
-    failed = False
-    for file in files:
-        try:
-            c = load(file)
-        except ConstitutionError as exc:
-            failed = True
-            for problem in exc.problems:
-                print_error(problem)
-            continue
-        console.print(
-            f"{c.source}: ok ({c.id} {c.version}, {len(c.principles)} principles, sha256 {c.hash[:16]})",
-            highlight=False,
-        )
-    if failed:
-        sys.exit(1)
-
-
-@constitution.command("show")
-@click.argument("file", default="default")
-@click.option("--json", "as_json", is_flag=True, help="Print the canonical form as JSON.")
-def constitution_show(file: str, as_json: bool) -> None:
-    """Print a constitution (a file, or a built-in name: default, harmlessness)."""
-    from cai.constitution import load
-
-    c = load(file)
-    if as_json:
-        click.echo(json.dumps({**c.to_dict(), "hash": c.hash}, indent=2, ensure_ascii=False))
-        return
-    console.print(f"[bold]{c.id}[/bold] {c.version}  sha256 {c.hash}", highlight=False)
-    console.print(c.description)
-    if c.hard_constraints:
-        console.print("\n[bold]Hard constraints[/bold]")
-        for h in c.hard_constraints:
-            console.print(f"  - {h.text}", highlight=False)
-    for tier in c.tiers:
-        principles = [p for p in c.principles if p.tier == tier.id]
-        console.print(f"\n[bold]{c.tier_rank(tier.id) + 1}. {tier.id}[/bold] {tier.description}")
-        table = Table("id", "weight", "why", "critique", "comparison", show_lines=True)
-        for p in principles:
-            table.add_row(p.id, f"{p.weight:g}", p.rationale, p.critique or "-", p.comparison or "-")
-        console.print(table)
-    console.print(
-        f"\nfew-shot: {len(c.critique_examples)} critique/revision, {len(c.comparison_examples)} comparison"
-    )
-
-
-@constitution.command("import")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["anthropic-2022", "hf-cai"]),
-    required=True,
-    help="anthropic-2022: the CAI paper repository's JSON files; hf-cai: the open-LLM recipe's JSON.",
-)
-@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="YAML file to write.")
-@click.option(
-    "--id", "constitution_id", default=None, help="Id of the new constitution (default: from OUTPUT)."
-)
-def constitution_import(
-    fmt: str, sources: tuple[Path, ...], output: Path, constitution_id: str | None
-) -> None:
-    """Convert another project's constitution files into our YAML format.
-
-    For anthropic-2022, give any of: the critique/revision instructions file, the comparison
-    principles file and the critique/revision few-shot file.
-    """
-    from cai.constitution import parse
-    from cai.importers import import_constitution, slug
-
-    c = import_constitution(fmt, list(sources), constitution_id or slug(output.stem))
-    parse(c.to_dict(), str(output))  # the result must load back as a valid constitution
-    output.write_text(c.to_yaml(), encoding="utf-8")
-    console.print(
-        f"wrote {output}: {len(c.principles)} principles, {len(c.critique_examples)} few-shot examples",
-        highlight=False,
-    )
-
-
-# ---- up -------------------------------------------------------------------------------------
-
-
-@main.command()
+@click.command()
 @click.option(
     "--prompts",
     type=click.Path(path_type=Path),
@@ -331,7 +158,7 @@ def up(
         )
     records = pipeline.load_prompts(prompts, limit)
     cons = constitution_mod.load(constitution_path)
-    _quiet_transformers()
+    quiet_transformers()
     if model == DEFAULT_MODEL and not is_ready(default_model_dir()):
         setup_default_model(progress=console.print)
     from cai.backends.transformers import TransformersBackend
@@ -367,21 +194,21 @@ def up(
         }
         advance = lambda stage: progress.advance(tasks[stage])  # noqa: E731
         if kafka:
-            from services.kafka_run import run_through_kafka
+            from cli.kafka_run import run_through_kafka
 
             return await run_through_kafka(backend, cons, config, records, kafka, advance)
         if not services:
             return await pipeline.run(
                 pipeline.LocalStages(CAIEngine(backend, cons)), config, records, advance
             )
-        from services.stages import loopback_stages
+        from cli.loopback import loopback_stages
 
         async with loopback_stages(backend, cons) as stages:
             return await pipeline.run(stages, config, records, advance)
 
     if train_steps:
         # The evaluation draws from the whole prompt file, so a --limit run still sees every category.
-        from trainer.online import balanced_prompts
+        from cli.online import balanced_prompts
 
         eval_set = balanced_prompts(pipeline.load_prompts(prompts), eval_prompts)
         _up_with_training(backend, cons, config, records, train_steps, train_config, eval_set, dtype)
@@ -409,8 +236,8 @@ def _up_with_training(
     from cai.backends.transformers import TransformersBackend
     from cai.engine import EngineConfig
     from cai.evaluation import STAGES, comparison_table
+    from cli.online import run_online, write_outputs
     from trainer.config import TrainConfig
-    from trainer.online import run_online, write_outputs
 
     # About four versions per run, the last one at the last step (it is the one evaluated).
     every = next(d for d in range(max(1, steps // 4), 0, -1) if steps % d == 0)
@@ -501,16 +328,4 @@ def _print_summary(info: dict[str, Any], pairs: str, out: Path) -> None:
     )
 
 
-def _add_commands() -> None:
-    """The commands defined next to what they run: services, Kafka, trainer, evaluation."""
-    import importlib
-
-    for module in ("services.cli", "cai.kafka.cli", "trainer.cli", "cai.eval_cli"):
-        for command in importlib.import_module(module).COMMANDS:
-            main.add_command(command)
-
-
-_add_commands()
-
-if __name__ == "__main__":
-    main()
+COMMANDS = [up]

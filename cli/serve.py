@@ -12,12 +12,10 @@ from typing import Any, cast
 import click
 import grpc
 from google.protobuf.json_format import MessageToDict
-from rich.console import Console
 from rich.table import Table
 
+from cli.common import console
 from services.settings import SERVICES, ServiceName, ServiceSettings
-
-console = Console()
 
 
 def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,14 +49,14 @@ def serve(service: ServiceName, config: Path | None, **flags: Any) -> None:
     CAI_CRITIQUE_PORT), else --config, else the defaults (policy 50051, critique 50052,
     judge 50053; metrics on 9091, 9092, 9093). Logs are JSON lines on stderr.
     """
-    from cai.cli import _quiet_transformers
+    from cli.common import quiet_transformers
     from services.observability import setup_logging
     from services.server import serve as run_service
     from services.settings import load_settings
 
     settings = load_settings(service, config, **flags)
     setup_logging(settings.log_level)
-    _quiet_transformers()
+    quiet_transformers()
     asyncio.run(run_service(service, settings))
 
 
@@ -107,7 +105,7 @@ def _run(call: Callable[[], Any]) -> None:
     try:
         asyncio.run(call())
     except grpc.aio.AioRpcError as exc:
-        from cai.cli import print_error
+        from cli.common import print_error
 
         print_error(f"{exc.code().name}: {exc.details()}")
         sys.exit(1)

@@ -51,7 +51,7 @@ class _WarningLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from rich.text import Text
 
-        from cai.cli import err_console
+        from cli.common import err_console
 
         err_console.print(Text.assemble(("warning: ", "yellow"), record.getMessage()), soft_wrap=True)
 
@@ -73,7 +73,7 @@ def train(config_file: Path | None, **flags: Any) -> None:
     checkpoint."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cai.cli import _quiet_transformers, console
+    from cli.common import console, quiet_transformers
 
     given = {k: v for k, v in flags.items() if v is not None}
     if config_file is not None:
@@ -81,7 +81,7 @@ def train(config_file: Path | None, **flags: Any) -> None:
     else:
         config = TrainConfig.from_dict(given, "flags")
     config.check_ready()
-    _quiet_transformers()
+    quiet_transformers()
     logger = logging.getLogger("cai.trainer")
     logger.addHandler(_WarningLines(level=logging.WARNING))
     logger.setLevel(logging.WARNING)
@@ -123,7 +123,7 @@ def train(config_file: Path | None, **flags: Any) -> None:
 def _print_summary(config: TrainConfig, result: Any) -> None:
     from rich.table import Table
 
-    from cai.cli import console
+    from cli.common import console
 
     table = Table("", "", title=f"cai train summary ({config.mode})", show_header=False)
     rows = [

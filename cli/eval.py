@@ -159,9 +159,9 @@ def eval_command(
 
     from cai import constitution as constitution_mod
     from cai import evaluation, pipeline
-    from cai.cli import _quiet_transformers, console
     from cai.models import DEFAULT_MODEL, is_ready, setup_default_model
     from cai.paths import default_model_dir
+    from cli.common import console, quiet_transformers
 
     model_spec, inline_adapter = split_policy(policy)
     if inline_adapter and adapter:
@@ -193,7 +193,7 @@ def eval_command(
     if out.is_dir():
         raise InvalidArgument(f"--out: {out} is a folder; give a file name such as eval.json")
 
-    _quiet_transformers()
+    quiet_transformers()
     specs = {"--policy": model_spec, "--baseline": baseline_spec, "--judge": judge}
     if DEFAULT_MODEL in specs.values() and not is_ready(default_model_dir()):
         setup_default_model(progress=console.print)
