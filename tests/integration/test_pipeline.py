@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -73,7 +74,10 @@ async def test_an_interrupted_run_keeps_the_prompts_it_finished(engine, tmp_path
     )
     run = asyncio.ensure_future(pipeline.run(pipeline.LocalStages(engine), config, records))
     sft = tmp_path / "run" / "sft.jsonl"
+    deadline = time.monotonic() + 300
     while not (sft.exists() and sft.read_text()):
+        assert not run.done(), f"the run ended before writing sft.jsonl: {run.exception()!r}"
+        assert time.monotonic() < deadline, "waited 300 s for the first row of sft.jsonl"
         await asyncio.sleep(0.2)
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
