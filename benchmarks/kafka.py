@@ -32,13 +32,13 @@ from cai.engine import CAIEngine
 from cai.kafka.admin import prompt_message, push_prompts
 from cai.kafka.broker import Broker
 from cai.kafka.records import encode
+from cai.kafka.stream import StreamStage
 from cai.kafka.topics import TopicSpec, create_topics
 from cai.pipeline import LocalStages, PromptRecord, RunConfig, load_prompts, run
 from cli.kafka_run import run_through_kafka
 from services.processors import stream_stage
 from services.server import RunningService, start_service
 from services.settings import load_settings
-from services.stream import StreamStage
 
 PARTITIONS = 3
 

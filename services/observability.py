@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from cai.backends.base import Backend, Completion, SamplingParams
 from cai.constitution import Conversation
+from cai.kafka.stream import StreamMetrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -53,22 +54,7 @@ class Metrics:
         self.queue_depth = Gauge(
             "cai_queue_depth", "rows waiting or running in the backend", ["service"], registry=self.registry
         ).labels(**labels)
-        # The stream stage's (services/stream.py), labelled by stage like `cai pipeline status`.
-        self.stream_records = Counter(
-            "cai_stream_records",
-            "input records by outcome: processed, dead_lettered or retried",
-            ["stage", "outcome"],
-            registry=self.registry,
-        )
-        self.stream_lag = Gauge(
-            "cai_stream_lag",
-            "records from the oldest one not done to the end of the partition",
-            ["stage", "topic", "partition"],
-            registry=self.registry,
-        )
-        self.stream_in_flight = Gauge(
-            "cai_stream_in_flight", "records polled and not yet done", ["stage"], registry=self.registry
-        )
+        self.stream = StreamMetrics(self.registry)
         self.service = service
         self.port: int | None = None
 

@@ -1,4 +1,4 @@
-"""What each service's stream stage does with one input record (see services/stream.py)."""
+"""What each service's stream stage does with one input record (see cai/kafka/stream.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from cai.engine import CAIEngine
 from cai.errors import InvalidArgument
 from cai.kafka.admin import stage_group
 from cai.kafka.records import sample_id
+from cai.kafka.stream import Output, Processor, StreamSettings, StreamStage
 from cai.pipeline import RESPONSE_PARAMS
 from cai.v1 import common_pb2, records_pb2
 from services import convert
 from services.convert import Limits, limits_of
 from services.server import RunningService
 from services.settings import ServiceSettings
-from services.stream import Output, Processor, StreamSettings, StreamStage
 
 
 def _metadata(
@@ -195,4 +195,4 @@ def stream_stage(service: RunningService, settings: ServiceSettings) -> StreamSt
         drain_s=settings.grace_s,
         commit_interval_s=settings.kafka_commit_interval_s,
     )
-    return StreamStage(stream, name, record_type, process, service.metrics)
+    return StreamStage(stream, name, record_type, process, service.metrics.stream)

@@ -24,17 +24,38 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from google.protobuf.message import Message
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from cai.errors import CAIError, InvalidArgument, NotFound, Unavailable
 from cai.kafka import records
 from cai.kafka.topics import dlq
-from services.observability import Metrics
 
 log = logging.getLogger("cai.stream")
 
 Output = tuple[str, str, Message]  # topic, key, value
 Processor = Callable[[Any], Awaitable[list[Output]]]
 PERMANENT = (InvalidArgument, NotFound)  # retrying cannot help: dead-letter at once
+
+
+class StreamMetrics:
+    """A stage's Prometheus series, labelled by stage like `cai pipeline status`."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.records = Counter(
+            "cai_stream_records",
+            "input records by outcome: processed, dead_lettered or retried",
+            ["stage", "outcome"],
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "cai_stream_lag",
+            "records from the oldest one not done to the end of the partition",
+            ["stage", "topic", "partition"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "cai_stream_in_flight", "records polled and not yet done", ["stage"], registry=registry
+        )
 
 
 @dataclass
@@ -82,7 +103,7 @@ class StreamStage:
         stage: str,
         record_type: type[Message],
         process: Processor,
-        metrics: Metrics | None = None,
+        metrics: StreamMetrics | None = None,
     ):
         self.settings = settings
         self.stage = stage
@@ -289,7 +310,7 @@ class StreamStage:
     def _count(self, outcome: str) -> None:
         self.counts[outcome] += 1
         if self.metrics is not None:
-            self.metrics.stream_records.labels(self.stage, outcome).inc()
+            self.metrics.records.labels(self.stage, outcome).inc()
 
     async def _produce(self, outputs: list[Output]) -> None:
         acks = []
@@ -387,6 +408,6 @@ class StreamStage:
             _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
             start = part.offsets[0] if part.offsets else part.next_offset
             if high >= 0 and start is not None:
-                self.metrics.stream_lag.labels(self.stage, topic, str(partition)).set(max(0, high - start))
+                self.metrics.lag.labels(self.stage, topic, str(partition)).set(max(0, high - start))
             in_flight += len(part.offsets) - len(part.done)
-        self.metrics.stream_in_flight.labels(self.stage).set(in_flight)
+        self.metrics.in_flight.labels(self.stage).set(in_flight)
