@@ -7,7 +7,6 @@ misreading it.
 
 from __future__ import annotations
 
-import hashlib
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -16,7 +15,7 @@ from cai.errors import InvalidArgument
 from cai.v1 import records_pb2
 
 SCHEMA_HEADER = "cai-schema"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: PreferenceRecord carries p_a and revision_pair
 Headers = list[tuple[str, bytes]]
 M = TypeVar("M", bound=Message)
 
@@ -41,11 +40,6 @@ def decode(kind: type[M], value: bytes | None, headers: Headers | None) -> M:
     except DecodeError as exc:
         raise InvalidArgument(f"value: not a valid {kind.DESCRIPTOR.full_name}: {exc}") from None
     return message
-
-
-def sample_id(kind: str, *parts: object) -> str:
-    """Deterministic id: the same input always gives the same id, so consumers can drop duplicates."""
-    return hashlib.sha256("\x1f".join([kind, *map(str, parts)]).encode()).hexdigest()[:24]
 
 
 RECORD_TYPES: dict[str, type[Message]] = {

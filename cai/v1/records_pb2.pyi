@@ -55,7 +55,7 @@ class RevisionRecord(_message.Message):
     def __init__(self, metadata: _Optional[_Union[_common_pb2.SampleMetadata, _Mapping]] = ..., prompt: _Optional[_Union[PromptRecord, _Mapping]] = ..., initial: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[RevisionStep, _Mapping]]] = ..., final: _Optional[str] = ...) -> None: ...
 
 class PreferenceRecord(_message.Message):
-    __slots__ = ("metadata", "prompt", "chosen", "rejected", "p_chosen", "labels", "chosen_is_revision")
+    __slots__ = ("metadata", "prompt", "chosen", "rejected", "p_chosen", "labels", "chosen_is_revision", "p_a", "revision_pair", "critique_principle_ids")
     METADATA_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,9 @@ class PreferenceRecord(_message.Message):
     P_CHOSEN_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_IS_REVISION_FIELD_NUMBER: _ClassVar[int]
+    P_A_FIELD_NUMBER: _ClassVar[int]
+    REVISION_PAIR_FIELD_NUMBER: _ClassVar[int]
+    CRITIQUE_PRINCIPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     metadata: _common_pb2.SampleMetadata
     prompt: PromptRecord
     chosen: str
@@ -70,7 +73,10 @@ class PreferenceRecord(_message.Message):
     p_chosen: float
     labels: _containers.RepeatedCompositeFieldContainer[_judge_pb2.PrincipleLabel]
     chosen_is_revision: bool
-    def __init__(self, metadata: _Optional[_Union[_common_pb2.SampleMetadata, _Mapping]] = ..., prompt: _Optional[_Union[PromptRecord, _Mapping]] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., p_chosen: _Optional[float] = ..., labels: _Optional[_Iterable[_Union[_judge_pb2.PrincipleLabel, _Mapping]]] = ..., chosen_is_revision: _Optional[bool] = ...) -> None: ...
+    p_a: float
+    revision_pair: bool
+    critique_principle_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, metadata: _Optional[_Union[_common_pb2.SampleMetadata, _Mapping]] = ..., prompt: _Optional[_Union[PromptRecord, _Mapping]] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., p_chosen: _Optional[float] = ..., labels: _Optional[_Iterable[_Union[_judge_pb2.PrincipleLabel, _Mapping]]] = ..., chosen_is_revision: _Optional[bool] = ..., p_a: _Optional[float] = ..., revision_pair: _Optional[bool] = ..., critique_principle_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PolicyVersionRecord(_message.Message):
     __slots__ = ("version", "uri", "sha256", "step", "metrics")
