@@ -28,9 +28,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from cai import constitution
 from cai.backends.base import Backend
 from cai.backends.fake import FakeBackend
+from cai.devbroker import Broker
 from cai.engine import CAIEngine
 from cai.kafka.admin import prompt_message, push_prompts
-from cai.kafka.broker import Broker
 from cai.kafka.records import encode
 from cai.kafka.stream import StreamStage
 from cai.kafka.topics import TopicSpec, create_topics

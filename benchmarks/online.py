@@ -95,7 +95,7 @@ async def publish_to_serve(model: str, versions: int, device: str | None, dtype:
             service.backend, bootstrap, prefix + "policy-versions", Path(folder) / "cache"
         )
         following = asyncio.ensure_future(follower.run(stopping))
-        publish = KafkaPublisher(bootstrap, prefix + "policy-versions")
+        publisher = KafkaPublisher(bootstrap, prefix + "policy-versions")
         first_seen: dict[str, float] = {}
         async with grpc.aio.insecure_channel(service.address) as channel:
             stub = policy_pb2_grpc.PolicyServiceStub(channel)
@@ -119,7 +119,9 @@ async def publish_to_serve(model: str, versions: int, device: str | None, dtype:
                     version = f"v{n}"
                     path, sha256 = await asyncio.to_thread(pack_adapter, trained, Path(folder), version)
                     started = time.perf_counter()  # the archive is written
-                    await asyncio.to_thread(publish, PolicyVersion(version, path.as_uri(), sha256, n))
+                    await asyncio.to_thread(
+                        publisher.publish, PolicyVersion(version, path.as_uri(), sha256, n)
+                    )
                     while (await stub.GetInfo(policy_pb2.GetInfoRequest())).policy_version != version:
                         await asyncio.sleep(0.005)
                     info_s = time.perf_counter() - started

@@ -129,26 +129,23 @@ class KafkaPublisher:
     """Announces versions on the policy-versions topic (one partition: one order for everyone)."""
 
     def __init__(self, bootstrap: str, topic: str):
-        from confluent_kafka import Producer
+        from cai.kafka import client
 
         self.topic = topic
         self.bootstrap = bootstrap
-        self.producer: Any = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "client.id": "cai-trainer",
-                "enable.idempotence": True,
-                "acks": "all",
-            }
-        )
+        self.producer: Any = client.producer(bootstrap, "cai-trainer")
 
-    def __call__(self, version: PolicyVersion) -> None:
+    def publish(self, version: PolicyVersion) -> None:
+        """Returns once the record is acknowledged; Unavailable if it is not within 30 s."""
         from cai.kafka import records
 
         value, headers = records.encode(version.to_record())
         self.producer.produce(self.topic, value=value, key=version.version.encode(), headers=headers)
         if self.producer.flush(30) > 0:
             raise Unavailable(f"kafka: could not publish {version.version} to {self.topic}")
+
+    def close(self) -> None:
+        self.producer.flush(10)
 
 
 class PolicyServer:

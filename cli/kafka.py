@@ -33,7 +33,7 @@ def kafka() -> None:
 @kafka.command("fetch")
 def fetch_command() -> None:
     """Download Kafka's jars with Maven into $CAI_HOME/kafka/<version>/libs (skipped when present)."""
-    from cai.kafka.broker import fetch, jar_stats, kafka_version
+    from cai.devbroker import fetch, jar_stats, kafka_version
 
     libs = fetch(progress=_say)
     count, size = jar_stats(libs)
@@ -57,7 +57,7 @@ def start_command(data_dir: Path | None, port: int | None, timeout: float) -> No
     Formats the data dir on first use; later starts keep its topics and records. Does nothing
     (but print the address) when the broker already runs.
     """
-    from cai.kafka.broker import Broker
+    from cai.devbroker import Broker
 
     status = Broker(data_dir).start(port=port, timeout=timeout, progress=_say)
     _say(f"Kafka broker ready (pid {status.pid}), log: {status.log_file}")
@@ -71,7 +71,7 @@ def start_command(data_dir: Path | None, port: int | None, timeout: float) -> No
 )
 def stop_command(data_dir: Path | None, timeout: float) -> None:
     """Stop the broker: SIGTERM (a controlled shutdown), SIGKILL if it has not exited in time."""
-    from cai.kafka.broker import Broker
+    from cai.devbroker import Broker
 
     broker = Broker(data_dir)
     pid = broker.status().pid
@@ -86,7 +86,7 @@ def stop_command(data_dir: Path | None, timeout: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def status_command(data_dir: Path | None, as_json: bool) -> None:
     """Say whether the broker runs, and where. Exit status: 0 running, 1 not running."""
-    from cai.kafka.broker import Broker
+    from cai.devbroker import Broker
 
     status = Broker(data_dir).status()
     if as_json:

@@ -19,7 +19,7 @@ from typing import Any
 
 from cai.backends.base import Backend
 from cai.errors import InvalidArgument
-from cai.kafka import records
+from cai.kafka import client, records
 from cai.policy_versions import PolicyVersion, fetch_adapter
 from cai.v1 import records_pb2
 
@@ -67,18 +67,11 @@ class PolicyFollower:
         )
 
     def _consumer(self) -> Any:
-        from confluent_kafka import Consumer, TopicPartition
+        from confluent_kafka import TopicPartition
 
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": "cai-policy-follower",  # required by librdkafka; offsets are not committed
-                "enable.auto.commit": False,
-                "client.id": "cai-policy-follower",
-                "logger": logging.getLogger("cai.kafka.client"),
-                "fetch.wait.max.ms": 50,
-            }
-        )
+        # A group is required by librdkafka; assign() never joins it and nothing is committed.
+        name = "cai-policy-follower"
+        consumer = client.consumer(self.bootstrap, name, name, {"fetch.wait.max.ms": 50})
         metadata = consumer.list_topics(self.topic, timeout=10).topics.get(self.topic)
         if metadata is None or metadata.error is not None:
             raise InvalidArgument(

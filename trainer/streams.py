@@ -58,7 +58,7 @@ class KafkaSource:
         idle_timeout_s: float | None,
         should_stop: Callable[[], bool],
     ):
-        from confluent_kafka import Consumer, Producer
+        from cai.kafka import client
 
         self.bootstrap = bootstrap
         self.topic = topic
@@ -69,15 +69,9 @@ class KafkaSource:
         self.should_stop = should_stop
         self.offsets: dict[int, int] = {}  # partition -> next offset to hand out
         self.dead_lettered = 0
-        common = {
-            "bootstrap.servers": bootstrap,
-            "client.id": "cai-trainer",
-            "logger": logging.getLogger("cai.kafka.client"),
-        }
-        self.consumer: Any = Consumer(
-            {**common, "group.id": group, "enable.auto.commit": False, "auto.offset.reset": "earliest"}
-        )
-        self.producer: Any = Producer({**common, "enable.idempotence": True, "acks": "all"})
+        # The group's offsets are for monitoring only: the partitions are assigned, not subscribed.
+        self.consumer: Any = client.consumer(bootstrap, "cai-trainer", group)
+        self.producer: Any = client.producer(bootstrap, "cai-trainer")  # dead letters
         self.partitions = self._partitions()
         self._assigned = False
 

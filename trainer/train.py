@@ -150,7 +150,7 @@ class Trainer:
         if c.kafka:
             from cai.policy_versions import KafkaPublisher
 
-            publishers.append(KafkaPublisher(c.kafka, c.kafka_prefix + "policy-versions"))
+            publishers.append(KafkaPublisher(c.kafka, c.kafka_prefix + "policy-versions").publish)
         if c.rollout_deployment:
             from trainer.rollout import DeploymentRollout
 

@@ -16,16 +16,9 @@ from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaExcep
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from cai.errors import NotFound, Unavailable
+from cai.kafka import client
 from cai.kafka.records import encode
-from cai.kafka.topics import (
-    INPUT_TOPICS,
-    TOPICS,
-    check_prefix,
-    client_config,
-    cluster_metadata,
-    dlq,
-    kafka_failure,
-)
+from cai.kafka.topics import INPUT_TOPICS, TOPICS, check_prefix, cluster_metadata, dlq, kafka_failure
 from cai.v1 import common_pb2, records_pb2
 
 if TYPE_CHECKING:
@@ -71,7 +64,7 @@ def _kafka_errors(bootstrap: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _admin(bootstrap: str, client_id: str) -> Iterator[AdminClient]:
-    with _kafka_errors(bootstrap), AdminClient(client_config(bootstrap, client_id)) as admin:
+    with _kafka_errors(bootstrap), client.admin(bootstrap, client_id) as admin:
         yield admin
 
 
@@ -146,13 +139,8 @@ def push_prompts(bootstrap: str, records: Sequence[PromptRecord], seed: int = 0,
             failures.append(error)
 
     with _kafka_errors(bootstrap):
-        producer = Producer(
-            {
-                **client_config(bootstrap, "cai-prompts-push"),
-                "acks": "all",
-                "enable.idempotence": True,
-                "delivery.timeout.ms": DELIVERY_TIMEOUT_MS,
-            }
+        producer = client.producer(
+            bootstrap, "cai-prompts-push", {"delivery.timeout.ms": DELIVERY_TIMEOUT_MS}, quiet=True
         )
         try:
             for message in messages:

@@ -22,12 +22,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from cai.errors import CAIError, InvalidArgument, NotFound, Unavailable
-from cai.kafka import records
+from cai.kafka import client, records
 from cai.kafka.topics import dlq
 
 log = logging.getLogger("cai.stream")
@@ -122,23 +122,18 @@ class StreamStage:
     def _connect(self) -> None:
         """In a worker thread: the only blocking calls (creating the clients, waiting for the topic)."""
         s = self.settings
-        common = {
-            "bootstrap.servers": s.bootstrap,
-            "client.id": f"cai-{self.stage}",
-            "logger": logging.getLogger("cai.kafka.client"),
-            "error_cb": self._client_error,
-        }
-        self._producer = Producer({**common, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
-        self._consumer = Consumer(
+        name = f"cai-{self.stage}"
+        self._producer = client.producer(s.bootstrap, name, {"linger.ms": 5, "error_cb": self._client_error})
+        self._consumer = client.consumer(
+            s.bootstrap,
+            name,
+            s.group,
             {
-                **common,
-                "group.id": s.group,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
+                "error_cb": self._client_error,
                 # A resumed partition waits for the next fetch request: keep long-polls short.
                 "fetch.wait.max.ms": 50,
                 "on_commit": self._committed,
-            }
+            },
         )
         # A group formed before the broker knows the topic assigns nothing: wait for it.
         deadline = time.monotonic() + 30

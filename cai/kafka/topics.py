@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cai.errors import CAIError, InvalidArgument, Unavailable
 
@@ -44,20 +44,6 @@ def kafka_failure(bootstrap: str, exc: Exception) -> CAIError:
     return Unavailable(f"--kafka {bootstrap}: {error.name()}: {error.str().splitlines()[0][:200]}")
 
 
-def client_config(bootstrap: str, client_id: str) -> dict[str, Any]:
-    """librdkafka settings of our short-lived clients: the CLI's, and the broker's readiness check."""
-    return {
-        "bootstrap.servers": bootstrap,
-        "client.id": client_id,
-        # librdkafka logs every failed connection attempt to stderr; the errors that matter reach
-        # us as exceptions or delivery reports, and a CLI error stays one line.
-        "log_level": 0,
-        # Admin clients and producers default to true: asking for a missing topic's metadata, or
-        # producing to it, would have the broker create it with its default partitions.
-        "allow.auto.create.topics": False,
-    }
-
-
 def cluster_metadata(admin: AdminClient, bootstrap: str, timeout: float = 5.0) -> ClusterMetadata:
     """Brokers and topics of the cluster; the first request of every command, so an unreachable
     --kafka is reported here, in `timeout` seconds."""
@@ -88,10 +74,12 @@ def create_topics(bootstrap: str, spec: TopicSpec = TopicSpec(), prefix: str = "
     """Create the missing topics; returns {topic: "created" | "exists"}. Existing ones are left as
     they are (partitions can only grow, and only on purpose)."""
     from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import NewTopic
+
+    from cai.kafka import client
 
     check_prefix(prefix)
-    with AdminClient(client_config(bootstrap, "cai-topics")) as admin:
+    with client.admin(bootstrap, "cai-topics") as admin:
         cluster = cluster_metadata(admin, bootstrap)
         brokers = len(cluster.brokers)
         if spec.replication > brokers:  # the broker's own refusal names neither the flag nor the fix

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cai.kafka.broker import Broker
+from cai.devbroker import Broker
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ from click.testing import CliRunner, Result
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from cai.devbroker import Broker
 from cai.errors import NotFound
 from cai.kafka.admin import pipeline_status, push_prompts, stage_groups
-from cai.kafka.broker import Broker
 from cai.kafka.records import SCHEMA_HEADER, decode, schema_of
 from cai.kafka.topics import TopicSpec, all_topics, create_topics, dlq
 from cai.pipeline import PromptRecord, prompt_seed

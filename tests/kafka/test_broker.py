@@ -17,7 +17,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from cai.kafka.broker import Broker, BrokerNotReady, PortInUse
+from cai.devbroker import Broker, BrokerNotReady, PortInUse
 
 CAI = [sys.executable, "-m", "cli.main"]
 

@@ -174,7 +174,7 @@ async def test_policy_service_swaps_versions_between_batches(kafka_broker, tiny_
             callers = [asyncio.ensure_future(caller()) for _ in range(6)]
             await asyncio.sleep(1.0)
             # a record whose archive fails its hash is refused; the service keeps its version
-            publish = KafkaPublisher(bootstrap, prefix + "policy-versions")
+            publish = KafkaPublisher(bootstrap, prefix + "policy-versions").publish
             await asyncio.to_thread(publish, PolicyVersion("v1", archive.as_uri(), "0" * 64, 5))
             await wait_until(lambda: follower.failed != 0, "the follower to refuse the bad hash")
             await asyncio.to_thread(publish, PolicyVersion("v1", archive.as_uri(), sha256, 10))

@@ -1,13 +1,15 @@
-"""Fetch, format, start, watch and stop a single-node Apache Kafka broker.
+"""The development Kafka broker: fetch, format, start, watch and stop a single-node Apache Kafka
+broker, for local runs (`cai kafka start`) and the tests. Production uses a real cluster; nothing
+in the services or the trainer imports this module.
 
 The broker runs in KRaft combined mode (one JVM is both broker and controller) on loopback. Its jars
-come from Maven Central through `pom.xml` beside this file and are cached in
+come from Maven Central through `cai/data/kafka/pom.xml` and are cached in
 `$CAI_HOME/kafka/<version>/libs`. Everything a broker owns lives in its data directory:
 
     broker.json        port, controller port, pid and cluster id (written atomically)
     server.properties  regenerated at every start from broker.json
     storage/           Kafka's log.dirs: the metadata log, topics and records
-    server.log         the broker's own log (log4j2, see log4j2.xml)
+    server.log         the broker's own log (log4j2, see cai/data/kafka/log4j2.xml)
     console.log        the JVM's stdout and stderr: crashes before logging starts end up here
 
 A restart on the same directory reuses the storage (formatted once) and the same client port, so
@@ -41,8 +43,8 @@ from cai.errors import CAIError
 from cai.paths import PACKAGE_DIR, cai_home
 
 HOST = "127.0.0.1"
-POM = PACKAGE_DIR / "kafka" / "pom.xml"
-LOG4J_CONFIG = PACKAGE_DIR / "kafka" / "log4j2.xml"
+POM = PACKAGE_DIR / "data" / "kafka" / "pom.xml"
+LOG4J_CONFIG = PACKAGE_DIR / "data" / "kafka" / "log4j2.xml"
 MIN_JAVA = 17  # Kafka 4.x brokers need Java 17
 DEFAULT_HEAP_OPTS = "-Xms64m -Xmx512m"  # small, for development; $KAFKA_HEAP_OPTS overrides it
 NODE_ID = 1
@@ -433,7 +435,7 @@ class Broker:
             "group.initial.rebalance.delay.ms": 0,
         }
         lines = [f"{key}={value}" for key, value in settings.items()]
-        return "# written by cai/kafka/broker.py at every start; edits are lost\n" + "\n".join(lines) + "\n"
+        return "# written by cai/devbroker.py at every start; edits are lost\n" + "\n".join(lines) + "\n"
 
     def _launch(self, java: str, libs: Path, state: BrokerState) -> None:
         command = self._java_command(java, libs, "kafka.Kafka", str(self.properties_file))
@@ -489,13 +491,12 @@ class Broker:
         except OSError:
             return False
         from confluent_kafka import KafkaException
-        from confluent_kafka.admin import AdminClient
 
-        from cai.kafka.topics import client_config
+        from cai.kafka import client
 
         timeout = min(5.0, max(1.0, deadline - time.monotonic()))
         try:
-            with AdminClient(client_config(f"{HOST}:{state.port}", "cai-kafka-ready")) as admin:
+            with client.admin(f"{HOST}:{state.port}", "cai-kafka-ready") as admin:
                 cluster = admin.describe_cluster(request_timeout=timeout).result()
         except KafkaException:
             return False
