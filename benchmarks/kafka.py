@@ -34,9 +34,9 @@ from cai.kafka.admin import prompt_message, push_prompts
 from cai.kafka.records import encode
 from cai.kafka.stream import StreamStage
 from cai.kafka.topics import TopicSpec, create_topics
-from cai.pipeline import LocalStages, PromptRecord, RunConfig, load_prompts, run
+from cai.pipeline import LocalStages, RunConfig, load_prompts, run
+from cai.records import Prompt
 from cli.kafka_run import run_through_kafka
-from services.processors import stream_stage
 from services.server import RunningService, start_service
 from services.settings import load_settings
 
@@ -60,8 +60,8 @@ def fresh_topics(bootstrap: str, name: str) -> str:
     return prefix
 
 
-def synthetic_prompts(count: int) -> list[PromptRecord]:
-    return [PromptRecord(f"p{i:06d}", f"Explain tides simply, take {i}.", "benign") for i in range(count)]
+def synthetic_prompts(count: int) -> list[Prompt]:
+    return [Prompt(f"p{i:06d}", f"Explain tides simply, take {i}.", "benign") for i in range(count)]
 
 
 @asynccontextmanager
@@ -86,7 +86,7 @@ async def stages(
         )
         service = await start_service(name, settings, backend)  # type: ignore[arg-type]
         running.append(service)
-        streams.append(stream_stage(service, settings))
+        streams.append(service.stream(settings))
         tasks.append(asyncio.ensure_future(streams[-1].run(stopping)))
     try:
         yield streams
@@ -179,7 +179,7 @@ def bench_ceiling(records: int, in_flight: list[int]) -> dict[str, Any]:
 # ---- latency --------------------------------------------------------------------------------
 
 
-def produce_steadily(bootstrap: str, prefix: str, prompts: list[PromptRecord], rate: float) -> None:
+def produce_steadily(bootstrap: str, prefix: str, prompts: list[Prompt], rate: float) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 0})
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
@@ -209,10 +209,10 @@ def timestamps(bootstrap: str, topic: str, expected: int, timeout: float) -> dic
         consumer.close()
 
 
-async def latency_run(bootstrap: str, prefix: str, prompts: list[PromptRecord], rate: float) -> list[float]:
+async def latency_run(bootstrap: str, prefix: str, prompts: list[Prompt], rate: float) -> list[float]:
     async with stages(bootstrap, prefix, ("policy", "judge"), FakeBackend(), max_n=2):
         # Steady state only: one prompt first, through both stages, while the groups form.
-        warm_up = [PromptRecord("warm-up", "Say hello.")]
+        warm_up = [Prompt("warm-up", "Say hello.")]
         await asyncio.to_thread(produce_steadily, bootstrap, prefix, warm_up, rate)
         await asyncio.to_thread(timestamps, bootstrap, prefix + "preferences", 1, 60)
         await asyncio.to_thread(produce_steadily, bootstrap, prefix, prompts, rate)

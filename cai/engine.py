@@ -59,6 +59,29 @@ class ComparisonResult:
         return [label.principle_id for label in self.labels]
 
 
+RESPONSE_PARAMS = SamplingParams(max_new_tokens=96, temperature=0.7, top_p=0.95)  # the policy's answers
+
+
+@dataclass(frozen=True)
+class JudgeOptions:
+    """How a pair is judged: k principles drawn (or the ones named), both orderings or one,
+    with or without reasoning first."""
+
+    k_principles: int = 1
+    debias: bool = True
+    cot: bool = False
+    principles: tuple[str, ...] = ()  # named principles instead of k drawn ones
+
+
+@dataclass(frozen=True)
+class CritiqueOptions:
+    """How a response is critiqued: `rounds` of critique and revision, each under a principle drawn
+    at random or, with `principles`, the one named for that round."""
+
+    rounds: int = 1
+    principles: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     critique_params: SamplingParams = SamplingParams(max_new_tokens=96, temperature=0.7, top_p=0.95)
@@ -133,14 +156,14 @@ class CAIEngine:
     async def critique_revise_steps(
         self,
         conversation: Conversation,
-        rounds: int = 1,
-        principles: list[str] | None = None,
+        options: CritiqueOptions = CritiqueOptions(),
         seed: int | None = None,
     ) -> AsyncIterator[CritiqueStep]:
-        """Critique and revise the conversation's last (assistant) message `rounds` times, yielding
-        each round as it completes. Each round draws one principle (weighted, seeded) unless
-        `principles` names one per round."""
+        """Critique and revise the conversation's last (assistant) message `options.rounds` times,
+        yielding each round as it completes. Each round draws one principle (weighted, seeded)
+        unless `options.principles` names one per round."""
         self._check_critiquable(conversation)
+        rounds, principles = options.rounds, list(options.principles)
         if rounds < 1:
             raise InvalidArgument(f"rounds: must be >= 1, got {rounds}")
         if principles and len(principles) != rounds:
@@ -168,12 +191,11 @@ class CAIEngine:
     async def critique_revise(
         self,
         conversation: Conversation,
-        rounds: int = 1,
-        principles: list[str] | None = None,
+        options: CritiqueOptions = CritiqueOptions(),
         seed: int | None = None,
     ) -> CritiqueChain:
         """All rounds of `critique_revise_steps` as one chain."""
-        steps = [s async for s in self.critique_revise_steps(conversation, rounds, principles, seed)]
+        steps = [s async for s in self.critique_revise_steps(conversation, options, seed)]
         return CritiqueChain(conversation[-1]["content"], steps)
 
     async def _generate(self, turns: Conversation, params: SamplingParams, seed: int | None) -> str:
@@ -187,10 +209,7 @@ class CAIEngine:
         conversation: Conversation,
         a: str,
         b: str,
-        k_principles: int = 1,
-        debias: bool = True,
-        cot: bool = False,
-        principles: list[str] | None = None,
+        options: JudgeOptions = JudgeOptions(),
         seed: int | None = None,
     ) -> ComparisonResult:
         """p(A better than B) from the option tokens' log-probs, averaged over k principles.
@@ -198,6 +217,8 @@ class CAIEngine:
         With `debias`, every principle also judges the swapped order and the two are averaged.
         With `cot`, the judge first writes its reasoning; the label is then clamped.
         """
+        k_principles, debias, cot = options.k_principles, options.debias, options.cot
+        principles = list(options.principles)
         if not conversation or conversation[-1]["role"] != "user":
             raise InvalidArgument("conversation: must end with the user turn both responses answer")
         if not a.strip() or not b.strip():

@@ -29,9 +29,9 @@ from rich.table import Table
 from cai import labels
 from cai.backends.base import Backend, SamplingParams
 from cai.constitution import Constitution, Conversation
-from cai.engine import CAIEngine
+from cai.engine import RESPONSE_PARAMS, CAIEngine, JudgeOptions
 from cai.errors import InvalidArgument
-from cai.pipeline import RESPONSE_PARAMS, PromptRecord, prompt_seed
+from cai.records import Prompt, prompt_seed
 
 Stage = Literal["baseline answers", "policy answers", "judgments", "refusal checks"]
 STAGES: tuple[Stage, ...] = ("baseline answers", "policy answers", "judgments", "refusal checks")
@@ -55,8 +55,7 @@ REFUSAL_READINGS: tuple[tuple[str, tuple[str, str]], ...] = (
 class EvalConfig:
     seed: int = 0  # per-prompt sampling seeds, the judge's principle draws and the bootstrap
     response_params: SamplingParams = RESPONSE_PARAMS  # the same for policy and baseline
-    k_principles: int = 1
-    debias: bool = True
+    judge: JudgeOptions = JudgeOptions()
     ci_method: CIMethod = "bootstrap"
     confidence: float = 0.95
     bootstrap_samples: int = 2000
@@ -73,8 +72,8 @@ class EvalConfig:
             raise InvalidArgument(f"bootstrap_samples: must be >= 1, got {self.bootstrap_samples}")
         if not 0 <= self.refusal_threshold < 1:
             raise InvalidArgument(f"refusal_threshold: must be in [0, 1), got {self.refusal_threshold}")
-        if self.k_principles < 1:
-            raise InvalidArgument(f"k_principles: must be >= 1, got {self.k_principles}")
+        if self.judge.k_principles < 1:
+            raise InvalidArgument(f"k_principles: must be >= 1, got {self.judge.k_principles}")
 
     def ci_description(self) -> str:
         level = f"{self.confidence:.0%}"
@@ -262,15 +261,15 @@ async def refusal_probability(judge: Backend, prompt: str, answer: str) -> float
 
 async def generate_answers(
     backend: Backend,
-    prompts: Sequence[PromptRecord],
+    prompts: Sequence[Prompt],
     config: EvalConfig,
     advance: Callable[[], object] = lambda: None,
 ) -> list[str]:
     """One answer per prompt, sampled with the prompt's seed (the same for every backend)."""
     gate = asyncio.Semaphore(config.concurrency)
 
-    async def one(record: PromptRecord) -> str:
-        conversation: Conversation = [{"role": "user", "content": record.prompt}]
+    async def one(record: Prompt) -> str:
+        conversation: Conversation = [{"role": "user", "content": record.text}]
         params = replace(config.response_params, n=1, seed=prompt_seed(config.seed, record.id))
         async with gate:
             [completion] = await backend.generate(await backend.render(conversation), params)
@@ -303,7 +302,7 @@ async def adapter_loaded(backend: Backend, adapter: str | Path) -> AsyncIterator
 async def judge_answers(
     judge: Backend,
     constitution: Constitution,
-    prompts: Sequence[PromptRecord],
+    prompts: Sequence[Prompt],
     policy_answers: Sequence[str],
     baseline_answers: Sequence[str],
     config: EvalConfig,
@@ -317,28 +316,21 @@ async def judge_answers(
     engine = CAIEngine(judge, constitution)
     gate = asyncio.Semaphore(config.concurrency)
 
-    async def one(record: PromptRecord, policy_answer: str, baseline_answer: str) -> PromptEval:
+    async def one(record: Prompt, policy_answer: str, baseline_answer: str) -> PromptEval:
         seed = prompt_seed(config.seed, record.id)
-        conversation: Conversation = [{"role": "user", "content": record.prompt}]
+        conversation: Conversation = [{"role": "user", "content": record.text}]
         async with gate:
-            result = await engine.compare(
-                conversation,
-                policy_answer,
-                baseline_answer,
-                k_principles=config.k_principles,
-                debias=config.debias,
-                seed=seed,
-            )
+            result = await engine.compare(conversation, policy_answer, baseline_answer, config.judge, seed)
             advance("judgments")
             p_policy_refusal, p_baseline_refusal = await asyncio.gather(
-                refusal_probability(judge, record.prompt, policy_answer),
-                refusal_probability(judge, record.prompt, baseline_answer),
+                refusal_probability(judge, record.text, policy_answer),
+                refusal_probability(judge, record.text, baseline_answer),
             )
             advance("refusal checks")
         return PromptEval(
             record.id,
             record.category,
-            record.prompt,
+            record.text,
             seed,
             policy_answer,
             baseline_answer,
@@ -367,7 +359,7 @@ async def evaluate(
     baseline: Backend,
     judge: Backend,
     constitution: Constitution,
-    prompts: Sequence[PromptRecord],
+    prompts: Sequence[Prompt],
     config: EvalConfig | None = None,
     *,
     adapter: str | Path | None = None,

@@ -14,33 +14,33 @@ policy version and seed, so any training example can be traced back to how it wa
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from cai import __version__
+from cai import __version__, records
 from cai.backends.base import Backend, Completion, SamplingParams
 from cai.constitution import Constitution, Conversation
-from cai.engine import CAIEngine, ComparisonResult, CritiqueChain, EngineConfig
+from cai.engine import (
+    RESPONSE_PARAMS,
+    CAIEngine,
+    ComparisonResult,
+    CritiqueChain,
+    CritiqueOptions,
+    EngineConfig,
+    JudgeOptions,
+)
 from cai.errors import InvalidArgument
 from cai.jsonl import read_objects
 from cai.paths import builtin_prompts_file
+from cai.records import Preference, Prompt, Revision, Rollout
 
 PairSource = Literal["revision", "samples"]
-RESPONSE_PARAMS = SamplingParams(max_new_tokens=96, temperature=0.7, top_p=0.95)  # the policy's answers
 Stage = Literal["responses", "critiques", "judgments"]
-
-
-@dataclass(frozen=True)
-class PromptRecord:
-    id: str
-    prompt: str
-    category: str = "uncategorized"
 
 
 @dataclass
@@ -48,57 +48,48 @@ class RunConfig:
     out: Path
     prompts: Path | None = None  # None: the built-in red-team and benign set
     limit: int | None = None
-    rounds: int = 1
     seed: int = 0
-    k_principles: int = 1
-    debias: bool = True
-    cot: bool = False
+    critique: CritiqueOptions = field(default_factory=CritiqueOptions)
+    judge: JudgeOptions = field(default_factory=JudgeOptions)
     pairs: PairSource = "revision"
     response_params: SamplingParams = RESPONSE_PARAMS
     concurrency: int = 32
 
 
-def load_prompts(path: Path | None, limit: int | None = None) -> list[PromptRecord]:
+def load_prompts(path: Path | None, limit: int | None = None) -> list[Prompt]:
     """Read a JSONL prompt file: one object per line with `prompt`, optional `id` and `category`.
 
     Any bad line stops the run with its line number, so no prompt is dropped silently.
     """
     path = path or builtin_prompts_file()
-    records: list[PromptRecord] = []
+    prompts: list[Prompt] = []
     seen: dict[str, int] = {}
     for number, row in read_objects(path, "--prompts"):
         where = f"{path}:{number}"
-        prompt = row.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
+        text = row.get("prompt")
+        if not isinstance(text, str) or not text.strip():
             raise InvalidArgument(f"{where}: prompt: must be a non-empty string")
         prompt_id = str(row.get("id", f"line-{number}"))
         if prompt_id in seen:
             raise InvalidArgument(f"{where}: id: {prompt_id!r} repeats line {seen[prompt_id]}")
         seen[prompt_id] = number
-        records.append(PromptRecord(prompt_id, prompt.strip(), str(row.get("category", "uncategorized"))))
-    if not records:
+        prompts.append(Prompt(prompt_id, text.strip(), str(row.get("category", "uncategorized"))))
+    if not prompts:
         raise InvalidArgument(f"--prompts: {path} holds no prompts")
-    return records[:limit] if limit else records
+    return prompts[:limit] if limit else prompts
 
 
-def _digest(*parts: object) -> str:
-    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
-
-
-def prompt_seed(seed: int, prompt_id: str) -> int:
-    """A per-prompt seed, so a prompt's results do not depend on the others in the run."""
-    return int(_digest(seed, prompt_id)[:8], 16)
-
-
-@dataclass
+@dataclass(frozen=True)
 class PromptResult:
-    record: PromptRecord
-    seed: int
-    responses: list[str]
-    chain: CritiqueChain
-    pair: tuple[str, str]
-    judgment: ComparisonResult  # p_a: p(first response of the pair is better)
-    policy_version: str
+    """One prompt's records: its rollout, the chain of its first answer and the judged pair."""
+
+    rollout: Rollout
+    revision: Revision
+    preference: Preference
+
+    @property
+    def prompt(self) -> Prompt:
+        return self.rollout.prompt
 
 
 class Stages(Protocol):
@@ -110,17 +101,12 @@ class Stages(Protocol):
 
     async def respond(self, conversation: Conversation, params: SamplingParams) -> list[Completion]: ...
 
-    async def critique_revise(self, conversation: Conversation, rounds: int, seed: int) -> CritiqueChain: ...
+    async def critique_revise(
+        self, conversation: Conversation, options: CritiqueOptions, seed: int
+    ) -> CritiqueChain: ...
 
     async def compare(
-        self,
-        conversation: Conversation,
-        a: str,
-        b: str,
-        k_principles: int,
-        debias: bool,
-        cot: bool,
-        seed: int,
+        self, conversation: Conversation, a: str, b: str, options: JudgeOptions, seed: int
     ) -> ComparisonResult: ...
 
 
@@ -138,99 +124,38 @@ class LocalStages:
     async def respond(self, conversation: Conversation, params: SamplingParams) -> list[Completion]:
         return await self.policy.generate(await self.policy.render(conversation), params)
 
-    async def critique_revise(self, conversation: Conversation, rounds: int, seed: int) -> CritiqueChain:
-        return await self.engine.critique_revise(conversation, rounds, seed=seed)
+    async def critique_revise(
+        self, conversation: Conversation, options: CritiqueOptions, seed: int
+    ) -> CritiqueChain:
+        return await self.engine.critique_revise(conversation, options, seed=seed)
 
     async def compare(
-        self,
-        conversation: Conversation,
-        a: str,
-        b: str,
-        k_principles: int,
-        debias: bool,
-        cot: bool,
-        seed: int,
+        self, conversation: Conversation, a: str, b: str, options: JudgeOptions, seed: int
     ) -> ComparisonResult:
-        return await self.engine.compare(
-            conversation, a, b, k_principles=k_principles, debias=debias, cot=cot, seed=seed
-        )
+        return await self.engine.compare(conversation, a, b, options, seed=seed)
 
 
 async def process_prompt(
-    stages: Stages, config: RunConfig, record: PromptRecord, advance: Callable[[Stage], None]
+    stages: Stages, config: RunConfig, prompt: Prompt, advance: Callable[[Stage], None]
 ) -> PromptResult:
-    seed = prompt_seed(config.seed, record.id)
-    conversation: Conversation = [{"role": "user", "content": record.prompt}]
+    """Answer, critique and revise, judge: the same steps, and records, as the stream stages."""
+    prompt = prompt.seeded(config.seed)
     n = 2 if config.pairs == "samples" else 1
-    completions = await stages.respond(conversation, replace(config.response_params, n=n, seed=seed))
-    responses = [c.text.strip() or "(empty response)" for c in completions]
-    advance("responses")
-    chain = await stages.critique_revise(
-        [*conversation, {"role": "assistant", "content": responses[0]}], config.rounds, seed
+    completions = await stages.respond(
+        prompt.conversation, replace(config.response_params, n=n, seed=prompt.seed)
     )
+    rollout = records.rollout_of(prompt, completions, stages.model_id)
+    advance("responses")
+    answered = [*prompt.conversation, {"role": "assistant", "content": rollout.responses[0]}]
+    chain = await stages.critique_revise(answered, config.critique, prompt.seed)
+    revision = records.revision_of(rollout, chain, stages.constitution, stages.model_id)
     advance("critiques")
     # revision pairs: is the revision better than the answer it revised? samples: RL-CAI proper.
-    pair = (chain.final, chain.initial) if config.pairs == "revision" else (responses[0], responses[1])
-    result = await stages.compare(conversation, *pair, config.k_principles, config.debias, config.cot, seed)
+    source: Rollout | Revision = revision if config.pairs == "revision" else rollout
+    judgment = await stages.compare(prompt.conversation, *records.pair_of(source), config.judge, prompt.seed)
+    preference = records.preference_of(source, judgment, stages.constitution, stages.model_id)
     advance("judgments")
-    return PromptResult(record, seed, responses, chain, pair, result, completions[0].policy_version)
-
-
-def records_of(
-    result: PromptResult, c: Constitution, model_id: str, run_id: str
-) -> dict[str, dict[str, Any]]:
-    rec = result.record
-    meta = {
-        "prompt_id": rec.id,
-        "category": rec.category,
-        "constitution_id": c.id,
-        "constitution_version": c.version,
-        "constitution_hash": c.hash,
-        "model_id": model_id,
-        "policy_version": result.policy_version,
-        "seed": result.seed,
-        "run_id": run_id,
-        "created_at": datetime.now(UTC).isoformat(),
-    }
-    prompt = [{"role": "user", "content": rec.prompt}]
-    chain_ids = result.chain.principle_ids
-
-    def sample_id(kind: str) -> str:
-        # Deterministic: the same prompt, seed, constitution and model give the same id.
-        return _digest(kind, result.seed, rec.id, c.hash, model_id)[:24]
-
-    a_wins = result.judgment.p_a >= 0.5
-    chosen, rejected = result.pair if a_wins else result.pair[::-1]
-    return {
-        "sft": {
-            "sample_id": sample_id("sft"),
-            "prompt": prompt,
-            "completion": [{"role": "assistant", "content": result.chain.final}],
-            "principle_ids": chain_ids,
-            **meta,
-        },
-        "revision": {
-            "sample_id": sample_id("revision"),
-            "prompt": prompt,
-            "initial": result.chain.initial,
-            "steps": [asdict(s) for s in result.chain.steps],
-            "final": result.chain.final,
-            "principle_ids": chain_ids,
-            **meta,
-        },
-        "preference": {
-            "sample_id": sample_id("preference"),
-            "prompt": prompt,
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-            "p_chosen": result.judgment.p_a if a_wins else 1 - result.judgment.p_a,
-            "chosen_is_revision": (chosen == result.chain.final) if len(result.responses) == 1 else None,
-            "principle_ids": result.judgment.principle_ids,
-            "judgment": [asdict(label) for label in result.judgment.labels],
-            "critique_principle_ids": chain_ids,
-            **meta,
-        },
-    }
+    return PromptResult(rollout, revision, preference)
 
 
 class RunWriter:
@@ -243,16 +168,23 @@ class RunWriter:
     def __init__(self, out: Path, constitution: Constitution):
         names = {"sft": "sft.jsonl", "revision": "revisions.jsonl", "preference": "preferences.jsonl"}
         self.files = {kind: (out / name).open("w", encoding="utf-8") for kind, name in names.items()}
-        self.constitution = constitution
+        self.constitution_version = constitution.version
         self.run_id = out.name
-        self.done: dict[int, dict[str, dict[str, Any]]] = {}
+        self.done: dict[int, PromptResult] = {}
         self.next = 0
 
-    def add(self, index: int, result: PromptResult, model_id: str) -> None:
-        self.done[index] = records_of(result, self.constitution, model_id, self.run_id)
+    def add(self, index: int, result: PromptResult) -> None:
+        self.done[index] = result
         while self.next in self.done:
-            for kind, record in self.done.pop(self.next).items():
-                self.files[kind].write(json.dumps(record, ensure_ascii=False) + "\n")
+            done = self.done.pop(self.next)
+            context = (self.run_id, self.constitution_version)
+            rows = {
+                "sft": done.revision.to_sft_row(*context),
+                "revision": done.revision.to_row(*context),
+                "preference": done.preference.to_row(*context),
+            }
+            for kind, row in rows.items():
+                self.files[kind].write(json.dumps(row, ensure_ascii=False) + "\n")
                 self.files[kind].flush()
             self.next += 1
 
@@ -265,7 +197,7 @@ def summarize(results: list[PromptResult]) -> list[dict[str, Any]]:
     """One row per prompt category and one for all prompts."""
     groups: dict[str, list[PromptResult]] = {}
     for r in results:
-        groups.setdefault(r.record.category, []).append(r)
+        groups.setdefault(r.prompt.category, []).append(r)
     groups["all"] = results
     rows = []
     for category, items in groups.items():
@@ -275,10 +207,10 @@ def summarize(results: list[PromptResult]) -> list[dict[str, Any]]:
                 "category": category,
                 "prompts": n,
                 # In revision mode the pair is (revision, initial): p_a is p(revision better).
-                "mean_p_first": sum(r.judgment.p_a for r in items) / n,
-                "first_preferred": sum(r.judgment.p_a >= 0.5 for r in items) / n,
-                "mean_initial_chars": sum(len(r.chain.initial) for r in items) / n,
-                "mean_final_chars": sum(len(r.chain.final) for r in items) / n,
+                "mean_p_first": sum(r.preference.judgment.p_a for r in items) / n,
+                "first_preferred": sum(r.preference.a_wins for r in items) / n,
+                "mean_initial_chars": sum(len(r.revision.chain.initial) for r in items) / n,
+                "mean_final_chars": sum(len(r.revision.chain.final) for r in items) / n,
             }
         )
     return rows
@@ -287,7 +219,7 @@ def summarize(results: list[PromptResult]) -> list[dict[str, Any]]:
 async def run(
     stages: Stages,
     config: RunConfig,
-    prompts: list[PromptRecord],
+    prompts: list[Prompt],
     advance: Callable[[Stage], None] = lambda stage: None,
 ) -> dict[str, Any]:
     """Run the pipeline over `prompts` and write the run folder; returns run.json's content."""
@@ -296,10 +228,10 @@ async def run(
     gate = asyncio.Semaphore(config.concurrency)
     writer = RunWriter(config.out, stages.constitution)
 
-    async def bounded(index: int, record: PromptRecord) -> PromptResult:
+    async def bounded(index: int, prompt: Prompt) -> PromptResult:
         async with gate:
-            result = await process_prompt(stages, config, record, advance)
-        writer.add(index, result, stages.model_id)
+            result = await process_prompt(stages, config, prompt, advance)
+        writer.add(index, result)
         return result
 
     try:

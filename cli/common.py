@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.text import Text
 
+from cai.engine import CritiqueOptions, JudgeOptions
 from cai.errors import CAIError
 
 console = Console()
@@ -45,3 +48,40 @@ def quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def judge_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--k-principles, --no-debias and --cot, handed to the command as `judge_options`."""
+
+    @click.option(
+        "-k",
+        "--k-principles",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Comparison principles averaged per judgment.",
+    )
+    @click.option("--no-debias", is_flag=True, help="Judge only one ordering of each pair.")
+    @click.option("--cot", is_flag=True, help="Chain-of-thought judging (labels clamped to [0.4, 0.6]).")
+    @functools.wraps(command)
+    def with_judge(*args: Any, k_principles: int, no_debias: bool, cot: bool, **kwargs: Any) -> Any:
+        return command(*args, judge_options=JudgeOptions(k_principles, not no_debias, cot), **kwargs)
+
+    return with_judge
+
+
+def critique_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--rounds, handed to the command as `critique_options`."""
+
+    @click.option(
+        "--rounds",
+        type=click.IntRange(1, 8),
+        default=1,
+        show_default=True,
+        help="Critique/revision rounds per response.",
+    )
+    @functools.wraps(command)
+    def with_critique(*args: Any, rounds: int, **kwargs: Any) -> Any:
+        return command(*args, critique_options=CritiqueOptions(rounds), **kwargs)
+
+    return with_critique

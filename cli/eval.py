@@ -10,7 +10,9 @@ from typing import Any
 
 import click
 
+from cai.engine import RESPONSE_PARAMS, JudgeOptions
 from cai.errors import CAIError, InvalidArgument, NotFound
+from cli.common import judge_flags
 
 SERVICE = "policy:"  # a running policy service, e.g. policy:127.0.0.1:50051
 
@@ -95,14 +97,6 @@ def _check_adapter(path: str, flag: str) -> Path:
     help="Length limit of each answer.",
 )
 @click.option(
-    "--k-principles",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Comparison principles averaged per judgment.",
-)
-@click.option("--no-debias", is_flag=True, help="Judge only one ordering of each pair.")
-@click.option(
     "--ci",
     "ci_method",
     type=click.Choice(["bootstrap", "normal"]),
@@ -134,6 +128,7 @@ def _check_adapter(path: str, flag: str) -> Path:
     default="auto",
     show_default=True,
 )
+@judge_flags
 def eval_command(
     policy: str,
     adapter: str | None,
@@ -144,14 +139,13 @@ def eval_command(
     constitution_path: str,
     seed: int,
     max_new_tokens: int,
-    k_principles: int,
-    no_debias: bool,
     ci_method: str,
     bootstrap_samples: int,
     refusal_threshold: float,
     out: Path,
     device: str | None,
     dtype: str,
+    judge_options: JudgeOptions,
 ) -> None:
     """Judge's win-rate of a policy over a baseline per prompt category, with a confidence interval,
     and the refusal rate on benign prompts."""
@@ -182,9 +176,8 @@ def eval_command(
     cons = constitution_mod.load(constitution_path)
     config = evaluation.EvalConfig(
         seed=seed,
-        response_params=replace(pipeline.RESPONSE_PARAMS, max_new_tokens=max_new_tokens),
-        k_principles=k_principles,
-        debias=not no_debias,
+        response_params=replace(RESPONSE_PARAMS, max_new_tokens=max_new_tokens),
+        judge=judge_options,
         ci_method=ci_method,  # type: ignore[arg-type]
         bootstrap_samples=bootstrap_samples,
         refusal_threshold=refusal_threshold,

@@ -14,27 +14,26 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
-from cai import labels
 from cai.backends.base import Backend
 from cai.constitution import Constitution
-from cai.engine import ComparisonResult, CritiqueChain, CritiqueStep
+from cai.engine import EngineConfig
 from cai.errors import Unavailable
-from cai.kafka import records
+from cai.kafka import records as codec
 from cai.kafka.admin import push_prompts
 from cai.kafka.topics import TopicSpec, create_topics, dlq
-from cai.pipeline import PromptRecord, PromptResult, RunConfig, RunWriter, Stage, write_run_info
+from cai.pipeline import PromptResult, RunConfig, RunWriter, Stage, write_run_info
+from cai.records import Preference, Prompt, Revision, Rollout
 from cai.v1 import records_pb2
-from services import convert
-from services.processors import stream_stage
 from services.server import RunningService, start_service
 from services.settings import load_settings
 
-OUTPUTS: dict[str, tuple[type[Any], Stage]] = {
-    "rollouts": (records_pb2.RolloutRecord, "responses"),
-    "revisions": (records_pb2.RevisionRecord, "critiques"),
-    "preferences": (records_pb2.PreferenceRecord, "judgments"),
+# topic -> (its message, the record model type, the progress stage it finishes)
+OUTPUTS: dict[str, tuple[type[Any], Any, Stage]] = {
+    "rollouts": (records_pb2.RolloutRecord, Rollout, "responses"),
+    "revisions": (records_pb2.RevisionRecord, Revision, "critiques"),
+    "preferences": (records_pb2.PreferenceRecord, Preference, "judgments"),
 }
 
 
@@ -45,7 +44,6 @@ def _settings(config: RunConfig, constitution: Constitution, bootstrap: str, pre
         "metrics_port": 0,
         "kafka": bootstrap,
         "kafka_prefix": prefix,
-        "constitution": constitution.source,
         "max_prompt_tokens": 8192,
         "max_new_tokens": 1024,
         "max_n": 16,
@@ -56,34 +54,16 @@ def _settings(config: RunConfig, constitution: Constitution, bootstrap: str, pre
             "responses_per_prompt": 2 if config.pairs == "samples" else 1,
             "response_max_new_tokens": config.response_params.max_new_tokens,
         },
-        "critique": {**common, "rounds": config.rounds},
+        "critique": {**common, "constitution": constitution.source, "rounds": config.critique.rounds},
         "judge": {
             **common,
+            "constitution": constitution.source,
             "judge_input": "revisions" if config.pairs == "revision" else "rollouts",
-            "k_principles": config.k_principles,
-            "debias": config.debias,
-            "chain_of_thought": config.cot,
+            "k_principles": config.judge.k_principles,
+            "debias": config.judge.debias,
+            "chain_of_thought": config.judge.cot,
         },
     }
-
-
-def _result(
-    prompt: PromptRecord,
-    rollout: records_pb2.RolloutRecord,
-    revision: records_pb2.RevisionRecord,
-    preference: records_pb2.PreferenceRecord,
-    config: RunConfig,
-) -> PromptResult:
-    chain = CritiqueChain(
-        revision.initial, [CritiqueStep(s.principle_id, s.critique, s.revision) for s in revision.steps]
-    )
-    responses = list(rollout.responses)
-    pair = (chain.final, chain.initial) if config.pairs == "revision" else (responses[0], responses[1])
-    verdicts = convert.labels_of(preference.labels)
-    judgment = ComparisonResult(labels.ensemble([label.p_a for label in verdicts]), verdicts)
-    return PromptResult(
-        prompt, rollout.prompt.seed, responses, chain, pair, judgment, rollout.metadata.policy_version
-    )
 
 
 class _Collector:
@@ -91,9 +71,9 @@ class _Collector:
 
     def __init__(self, bootstrap: str, prefix: str):
         self.prefix = prefix
-        self.consumer = Consumer(
-            {"bootstrap.servers": bootstrap, "group.id": f"{prefix}export", "enable.auto.commit": False}
-        )
+        from cai.kafka import client
+
+        self.consumer = client.consumer(bootstrap, "cai-up-export", f"{prefix}export")
         topics = [prefix + name for name in OUTPUTS] + [dlq(prefix + "prompts"), dlq(prefix + "rollouts")]
         metadata = self.consumer.list_topics(timeout=10).topics
         self.consumer.assign(
@@ -113,9 +93,9 @@ class _Collector:
                 continue
             name = item.topic().removeprefix(self.prefix)
             if name in OUTPUTS:
-                found.append(
-                    (name, item.key(), records.decode(OUTPUTS[name][0], item.value(), item.headers()))
-                )
+                message, model, _ = OUTPUTS[name]
+                decoded = codec.decode(message, item.value(), item.headers())
+                found.append((name, item.key(), model.of_proto(decoded)))
             else:
                 headers = dict(item.headers() or [])
                 found.append(("dlq", item.key(), headers.get("error", b"").decode(errors="replace")))
@@ -126,7 +106,7 @@ async def run_through_kafka(
     backend: Backend,
     constitution: Constitution,
     config: RunConfig,
-    prompts: list[PromptRecord],
+    prompts: list[Prompt],
     bootstrap: str,
     advance: Callable[[Stage], None] = lambda stage: None,
     partitions: int = 3,
@@ -147,25 +127,22 @@ async def run_through_kafka(
             settings = load_settings(name, None, **values)  # type: ignore[arg-type]
             service = await start_service(name, settings, backend)  # type: ignore[arg-type]
             running.append(service)
-            streams.append(asyncio.ensure_future(stream_stage(service, settings).run(stopping)))
+            streams.append(asyncio.ensure_future(service.stream(settings).run(stopping)))
         await asyncio.to_thread(push_prompts, bootstrap, prompts, config.seed, prefix)
-        results = await _collect(
-            bootstrap, prefix, prompts, config, writer, streams, backend.model_id, advance
-        )
+        results = await _collect(bootstrap, prefix, prompts, writer, streams, advance)
     finally:
         writer.close()
         stopping.set()
         await asyncio.gather(*streams, return_exceptions=True)
         for service in reversed(running):
             await service.stop(0)
-    assert running[1].engine is not None
     return write_run_info(
         config,
         results,
         started,
         constitution,
         backend.model_id,
-        running[1].engine.config,
+        EngineConfig(),  # what the critique and judge services run with
         transport="kafka",
         kafka_topic_prefix=prefix,
     )
@@ -174,11 +151,9 @@ async def run_through_kafka(
 async def _collect(
     bootstrap: str,
     prefix: str,
-    prompts: list[PromptRecord],
-    config: RunConfig,
+    prompts: list[Prompt],
     writer: RunWriter,
     streams: list[asyncio.Future[None]],
-    model_id: str,
     advance: Callable[[Stage], None],
 ) -> list[PromptResult]:
     """Wait until every prompt has its rollout, revision and preference (replayed duplicates are
@@ -200,18 +175,12 @@ async def _collect(
                 if prompt_id not in index or prompt_id in seen[name]:
                     continue
                 seen[name][prompt_id] = value
-                advance(OUTPUTS[name][1])
+                advance(OUTPUTS[name][2])
                 if all(prompt_id in seen[n] for n in OUTPUTS):
-                    prompt = prompts[index[prompt_id]]
-                    result = _result(
-                        prompt,
-                        seen["rollouts"][prompt_id],
-                        seen["revisions"][prompt_id],
-                        seen["preferences"][prompt_id],
-                        config,
-                    )
+                    # The topics' own records, as the stages wrote them.
+                    result = PromptResult(*(seen[n][prompt_id] for n in OUTPUTS))
                     results[prompt_id] = result
-                    writer.add(index[prompt_id], result, model_id)
+                    writer.add(index[prompt_id], result)
     finally:
         await asyncio.to_thread(collector.consumer.close)
     return [results[p.id] for p in prompts]

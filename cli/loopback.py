@@ -7,10 +7,18 @@ from collections.abc import AsyncIterator
 
 from cai.backends.base import Backend, Completion, SamplingParams
 from cai.constitution import Constitution, Conversation
-from cai.engine import ComparisonResult, CritiqueChain, CritiqueStep, EngineConfig
+from cai.engine import (
+    ComparisonResult,
+    CritiqueChain,
+    CritiqueOptions,
+    CritiqueStep,
+    EngineConfig,
+    JudgeOptions,
+)
+from cai.records import labels_of
 from services import convert
 from services.backends import PolicyServiceBackend
-from services.client import AsyncClient, judge_options
+from services.client import AsyncClient
 from services.server import RunningService, start_service
 from services.settings import load_settings
 
@@ -35,27 +43,22 @@ class ServiceStages:
             for c in reply.completions
         ]
 
-    async def critique_revise(self, conversation: Conversation, rounds: int, seed: int) -> CritiqueChain:
+    async def critique_revise(
+        self, conversation: Conversation, options: CritiqueOptions, seed: int
+    ) -> CritiqueChain:
         steps = [
             CritiqueStep(s.principle_id, s.critique, s.revision)
-            async for s in self.critic.critique_revise(conversation, rounds, seed=seed)
+            async for s in self.critic.critique_revise(
+                conversation, options.rounds, list(options.principles), seed=seed
+            )
         ]
         return CritiqueChain(conversation[-1]["content"], steps)
 
     async def compare(
-        self,
-        conversation: Conversation,
-        a: str,
-        b: str,
-        k_principles: int,
-        debias: bool,
-        cot: bool,
-        seed: int,
+        self, conversation: Conversation, a: str, b: str, options: JudgeOptions, seed: int
     ) -> ComparisonResult:
-        reply = await self.judge.compare(
-            conversation, a, b, judge_options(k_principles, debias=debias, chain_of_thought=cot, seed=seed)
-        )
-        return ComparisonResult(reply.p_a, convert.labels_of(reply.labels))
+        reply = await self.judge.compare(conversation, a, b, convert.judge_options_proto(options, seed))
+        return ComparisonResult(reply.p_a, labels_of(reply.labels))
 
 
 @contextlib.asynccontextmanager

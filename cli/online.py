@@ -30,8 +30,8 @@ from cai.constitution import Constitution
 from cai.engine import CAIEngine
 from cai.evaluation import EvalConfig, EvalReport, evaluate
 from cai.policy_versions import PolicyVersion, fetch_adapter
+from cai.records import Prompt, TrainingSample
 from trainer.config import TrainConfig
-from trainer.data import Sample, sample_of_row
 from trainer.streams import MemorySource
 from trainer.train import StepResult, Trainer
 
@@ -46,12 +46,12 @@ class OnlineResult:
     stale: int = 0
 
 
-def balanced_prompts(records: list[pipeline.PromptRecord], limit: int) -> list[pipeline.PromptRecord]:
+def balanced_prompts(records: list[Prompt], limit: int) -> list[Prompt]:
     """Up to `limit` prompts, taken in turn from each category, so red-team and benign both count."""
-    groups: dict[str, list[pipeline.PromptRecord]] = {}
+    groups: dict[str, list[Prompt]] = {}
     for r in records:
         groups.setdefault(r.category, []).append(r)
-    chosen: list[pipeline.PromptRecord] = []
+    chosen: list[Prompt] = []
     while len(chosen) < limit and any(groups.values()):
         for items in groups.values():
             if items and len(chosen) < limit:
@@ -64,9 +64,9 @@ async def run_online(
     feedback: TransformersBackend,
     constitution: Constitution,
     config: pipeline.RunConfig,
-    records: list[pipeline.PromptRecord],
+    records: list[Prompt],
     train_config: TrainConfig,
-    eval_set: list[pipeline.PromptRecord],
+    eval_set: list[Prompt],
     advance: Callable[[str, float], None] = lambda task, amount: None,
     overlap: bool = True,
 ) -> OnlineResult:
@@ -85,7 +85,7 @@ async def run_online(
 
     before = await measure() if eval_set else None
 
-    feed: queue.Queue[Sample | None] = queue.Queue()
+    feed: queue.Queue[TrainingSample | None] = queue.Queue()
     versions: list[dict[str, Any]] = []
     cache = Path(train_config.output_dir) / "served"
 
@@ -113,14 +113,13 @@ async def run_online(
     writer = pipeline.RunWriter(config.out, constitution)
     gate = asyncio.Semaphore(config.concurrency)
 
-    async def one(index: int, record: pipeline.PromptRecord, round_seed: int) -> None:
+    async def one(index: int, prompt: Prompt, round_seed: int) -> None:
         async with gate:
             round_config = replace(config, seed=round_seed)
-            result = await pipeline.process_prompt(stages, round_config, record, lambda _: None)
+            result = await pipeline.process_prompt(stages, round_config, prompt, lambda _: None)
         finished[index] = result
-        writer.add(index, result, stages.model_id)
-        row = pipeline.records_of(result, constitution, stages.model_id, config.out.name)["preference"]
-        feed.put(sample_of_row(row, "online-dpo", f"round seed {round_seed}, prompt {record.id}"))
+        writer.add(index, result)
+        feed.put(TrainingSample.of(result.preference, f"round seed {round_seed}, prompt {prompt.id}"))
         advance("pairs", 1)
 
     async def generate() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,13 +15,19 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from rich.table import Table
 
-from cli.common import console
-from services.settings import SERVICES, ServiceName, ServiceSettings
+from cli.common import console, critique_flags, judge_flags
+from services.settings import SERVICES, SETTINGS, ServiceName, all_fields
+
+
+def _takers(name: str) -> str:
+    """'judge: ' for a setting only the judge takes; '' for one every service takes."""
+    takers = [service for service, cls in SETTINGS.items() if name in cls.model_fields]
+    return "" if len(takers) == len(SETTINGS) else " and ".join(takers) + ": "
 
 
 def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """One --flag per service setting, generated from the settings model so the two cannot drift."""
-    fields = ServiceSettings.model_fields
+    fields = all_fields()
     for name in reversed(list(fields)):
         field = fields[name]
         kind: Any = {int: int, float: float, bool: click.BOOL}.get(cast(Any, field.annotation), str)
@@ -29,7 +36,7 @@ def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
             name,
             type=kind,
             default=None,
-            help=f"{field.description or name} [env: CAI_<SERVICE>_{name.upper()}]",
+            help=f"{_takers(name)}{field.description or name} [env: CAI_<SERVICE>_{name.upper()}]",
         )(command)
     return command
 
@@ -172,14 +179,15 @@ def generate(**options: Any) -> None:
 @click.option(
     "--principle", "principles", multiple=True, help="Principle id per round (repeat); default: drawn."
 )
-@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True)
+@critique_flags
 @click.option("--seed", type=int, default=None)
 @_client_options(50052)
 def critique(**options: Any) -> None:
     """Critique and revise RESPONSE (the answer to PROMPT) with a running critique service."""
     as_json = options.pop("as_json")
     turns = _conversation(options.pop("prompt"), options.pop("system"), options.pop("response"))
-    principles, rounds, seed = options.pop("principles"), options.pop("rounds"), options.pop("seed")
+    principles, seed = options.pop("principles"), options.pop("seed")
+    rounds = options.pop("critique_options").rounds
 
     async def call() -> None:
         async with _connect(options) as client:
@@ -201,26 +209,19 @@ def critique(**options: Any) -> None:
 @click.argument("response_a")
 @click.argument("response_b")
 @click.option("--system", help="A system message before the prompt.")
-@click.option("-k", "--k-principles", type=click.IntRange(min=1), default=1, show_default=True)
+@judge_flags
 @click.option("--principle", "principles", multiple=True, help="Principle id to judge by (repeat).")
-@click.option("--no-debias", is_flag=True, help="Judge only the A-first ordering.")
-@click.option("--cot", is_flag=True, help="Reason before answering (labels clamped to [0.4, 0.6]).")
 @click.option("--seed", type=int, default=None)
 @_client_options(50053)
 def compare(**options: Any) -> None:
     """Ask a running judge service which of RESPONSE_A and RESPONSE_B better answers PROMPT."""
-    from services.client import judge_options
+    from services.convert import judge_options_proto
 
     as_json = options.pop("as_json")
     turns = _conversation(options.pop("prompt"), options.pop("system"))
     a, b = options.pop("response_a"), options.pop("response_b")
-    judge = judge_options(
-        options.pop("k_principles"),
-        options.pop("principles"),
-        not options.pop("no_debias"),
-        options.pop("cot"),
-        options.pop("seed"),
-    )
+    chosen = replace(options.pop("judge_options"), principles=tuple(options.pop("principles")))
+    judge = judge_options_proto(chosen, options.pop("seed"))
 
     async def call() -> None:
         async with _connect(options) as client:

@@ -9,11 +9,14 @@ from typing import Any
 import click
 from rich.table import Table
 
+from cai.engine import CritiqueOptions, JudgeOptions
 from cai.errors import InvalidArgument
-from cli.common import console, quiet_transformers
+from cli.common import console, critique_flags, judge_flags, quiet_transformers
 
 
 @click.command()
+@critique_flags
+@judge_flags
 @click.option(
     "--prompts",
     type=click.Path(path_type=Path),
@@ -34,23 +37,9 @@ from cli.common import console, quiet_transformers
     help="'default', a local Hugging Face model folder, or a hub id.",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
-@click.option(
-    "--rounds",
-    type=click.IntRange(1, 8),
-    default=1,
-    show_default=True,
-    help="Critique/revision rounds per prompt.",
-)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Run folder (default: runs/<timestamp>)."
-)
-@click.option(
-    "--k-principles",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Comparison principles averaged per judgment.",
 )
 @click.option(
     "--pairs",
@@ -60,8 +49,6 @@ from cli.common import console, quiet_transformers
     help="revision: judge the final revision against the initial answer; "
     "samples: judge two sampled answers (RL-CAI).",
 )
-@click.option("--cot", is_flag=True, help="Chain-of-thought judging (labels clamped to [0.4, 0.6]).")
-@click.option("--no-debias", is_flag=True, help="Judge only one ordering of each pair.")
 @click.option(
     "--max-new-tokens",
     type=click.IntRange(min=1),
@@ -117,13 +104,9 @@ def up(
     constitution_path: str,
     model: str,
     limit: int | None,
-    rounds: int,
     seed: int,
     out: Path | None,
-    k_principles: int,
     pairs: str,
-    cot: bool,
-    no_debias: bool,
     max_new_tokens: int,
     device: str | None,
     dtype: str,
@@ -132,6 +115,8 @@ def up(
     train_steps: int | None,
     train_config: Path | None,
     eval_prompts: int,
+    critique_options: CritiqueOptions,
+    judge_options: JudgeOptions,
 ) -> None:
     """Run SL-CAI and RL-CAI data generation on one machine and write runs/<id>/; with
     --train-steps (the default) also train the policy online and evaluate it before and after."""
@@ -170,11 +155,9 @@ def up(
         out=out or pipeline.new_run_dir(),
         prompts=prompts,
         limit=limit,
-        rounds=rounds,
+        critique=critique_options,
         seed=seed,
-        k_principles=k_principles,
-        debias=not no_debias,
-        cot=cot,
+        judge=judge_options,
         pairs=pairs,  # type: ignore[arg-type]
         response_params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.95),
     )

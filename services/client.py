@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 
 from cai.constitution import Conversation
+from cai.engine import JudgeOptions
+from cai.records import conversation_proto
 from cai.v1 import (
     common_pb2,
     critique_pb2,
@@ -28,7 +30,7 @@ from cai.v1 import (
     policy_pb2,
     policy_pb2_grpc,
 )
-from services.convert import conversation_proto
+from services.convert import judge_options_proto
 
 
 @dataclass(frozen=True)
@@ -104,13 +106,8 @@ def judge_options(
     chain_of_thought: bool = False,
     seed: int | None = None,
 ) -> judge_pb2.JudgeOptions:
-    return judge_pb2.JudgeOptions(
-        k_principles=k_principles,
-        principle_ids=list(principle_ids),
-        disable_debias=not debias,
-        chain_of_thought=chain_of_thought,
-        seed=seed,
-    )
+    options = JudgeOptions(k_principles, debias, chain_of_thought, tuple(principle_ids))
+    return judge_options_proto(options, seed)
 
 
 class AsyncClient:

@@ -8,27 +8,26 @@ from collections.abc import AsyncIterator
 import grpc
 
 from cai.constitution import Conversation
-from cai.engine import CAIEngine
+from cai.engine import CritiqueOptions
 from cai.errors import InvalidArgument, NotFound
+from cai.records import conversation_of
 from cai.v1 import common_pb2, critique_pb2, critique_pb2_grpc
 from services import convert
-from services.convert import Limits
+from services.dataplane import CritiquePlane
 
 
 class CritiqueServicer(critique_pb2_grpc.CritiqueServiceServicer):
-    def __init__(self, engine: CAIEngine, limits: Limits):
-        self.engine = engine
-        self.limits = limits
+    def __init__(self, plane: CritiquePlane):
+        self.plane = plane
+        self.engine = plane.engine
+        self.limits = plane.limits
 
     @property
     def _hash(self) -> str:
         return self.engine.constitution.hash
 
     async def _conversation(self, message: common_pb2.Conversation) -> Conversation:
-        turns = convert.conversation(message)
-        text = await self.engine.backend.render(turns)
-        await convert.check_prompt_length(self.engine.backend, text, self.limits, "conversation")
-        return turns
+        return await self.plane.checked(conversation_of(message))
 
     async def Critique(
         self, request: critique_pb2.CritiqueRequest, context: grpc.aio.ServicerContext
@@ -59,14 +58,10 @@ class CritiqueServicer(critique_pb2_grpc.CritiqueServiceServicer):
     async def CritiqueRevise(
         self, request: critique_pb2.CritiqueReviseRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[critique_pb2.CritiqueReviseResponse]:
-        rounds = request.rounds or 1
-        if rounds > self.limits.max_rounds:
-            raise InvalidArgument(
-                f"rounds: {rounds} is above this service's limit of {self.limits.max_rounds}"
-            )
-        turns = await self._conversation(request.conversation)
+        options = CritiqueOptions(request.rounds or 1, tuple(request.principle_ids))
+        turns = conversation_of(request.conversation)
         seed = request.seed if request.HasField("seed") else secrets.randbits(32)
-        steps = self.engine.critique_revise_steps(turns, rounds, list(request.principle_ids) or None, seed)
+        steps = self.plane.steps(turns, options, seed)
         number = 0
         async for step in steps:
             number += 1

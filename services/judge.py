@@ -8,59 +8,33 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cai.constitution import Conversation
-from cai.engine import CAIEngine, ComparisonResult
+from cai.engine import ComparisonResult
 from cai.errors import InvalidArgument
-from cai.v1 import common_pb2, judge_pb2, judge_pb2_grpc
+from cai.records import conversation_of, labels_proto
+from cai.v1 import judge_pb2, judge_pb2_grpc
 from services import convert
-from services.convert import Limits
+from services.dataplane import JudgePlane
 
 
 class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
-    def __init__(self, engine: CAIEngine, limits: Limits):
-        self.engine = engine
-        self.limits = limits
-
-    async def _compare(
-        self, conversation: Conversation, a: str, b: str, options: judge_pb2.JudgeOptions, field: str
-    ) -> ComparisonResult:
-        for name, text in (("response_a", a), ("response_b", b)):
-            if not text.strip():
-                raise InvalidArgument(f"{field}{name}: must not be empty")
-        return await self.engine.compare(
-            conversation,
-            a,
-            b,
-            k_principles=options.k_principles or 1,
-            debias=not options.disable_debias,
-            cot=options.chain_of_thought,
-            principles=list(options.principle_ids) or None,
-            seed=options.seed if options.HasField("seed") else None,
-        )
-
-    async def _conversation(
-        self, message: common_pb2.Conversation, extra: list[str], field: str
-    ) -> Conversation:
-        turns = convert.conversation(message, f"{field}conversation")
-        if turns[-1]["role"] != "user":
-            raise InvalidArgument(f"{field}conversation: must end with the user turn the responses answer")
-        # The judge sees the conversation and the responses in one prompt.
-        text = await self.engine.backend.render(turns) + "\n".join(extra)
-        await convert.check_prompt_length(self.engine.backend, text, self.limits, f"{field}conversation")
-        return turns
+    def __init__(self, plane: JudgePlane):
+        self.plane = plane
+        self.engine = plane.engine
+        self.limits = plane.limits
 
     def _response(self, result: ComparisonResult) -> judge_pb2.CompareResponse:
         return judge_pb2.CompareResponse(
             p_a=result.p_a,
-            labels=convert.labels_proto(result.labels),
+            labels=labels_proto(result.labels),
             constitution_hash=self.engine.constitution.hash,
             model_id=self.engine.backend.model_id,
         )
 
     async def _one(self, request: judge_pb2.CompareRequest, field: str = "") -> judge_pb2.CompareResponse:
-        a, b = request.response_a, request.response_b
-        turns = await self._conversation(request.conversation, [a, b], field)
-        return self._response(await self._compare(turns, a, b, request.options, field))
+        turns = conversation_of(request.conversation, f"{field}conversation")
+        options, seed = convert.judge_options_of(request.options)
+        result = await self.plane.compare(turns, request.response_a, request.response_b, options, seed, field)
+        return self._response(result)
 
     async def Compare(
         self, request: judge_pb2.CompareRequest, context: grpc.aio.ServicerContext
@@ -91,10 +65,11 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         for i, text in enumerate(responses):
             if not text.strip():
                 raise InvalidArgument(f"responses[{i}]: must not be empty")
-        turns = await self._conversation(request.conversation, responses, "")
+        turns = await self.plane.checked(conversation_of(request.conversation), responses)
+        options, seed = convert.judge_options_of(request.options)
         pairs = list(itertools.combinations(range(len(responses)), 2))
         results = await asyncio.gather(
-            *(self._compare(turns, responses[i], responses[j], request.options, "") for i, j in pairs)
+            *(self.plane.compare(turns, responses[i], responses[j], options, seed) for i, j in pairs)
         )
         wins = [0.0] * len(responses)
         for (i, j), result in zip(pairs, results, strict=True):

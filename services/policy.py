@@ -6,30 +6,33 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cai.backends.base import Backend, SamplingParams
+from cai.backends.base import SamplingParams
 from cai.errors import InvalidArgument
 from cai.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services import convert
-from services.convert import Limits
+from services.dataplane import PolicyPlane
 
 DEFAULT_PARAMS = SamplingParams(max_new_tokens=128, temperature=0.7, top_p=1.0)
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, backend: Backend, limits: Limits):
-        self.backend = backend
-        self.limits = limits
+    def __init__(self, plane: PolicyPlane):
+        self.plane = plane
+        self.backend = plane.backend
+        self.limits = plane.limits
+
+    async def _text(self, message: policy_pb2.PolicyInput) -> str:
+        given = convert.prompt_input(message)
+        return given if isinstance(given, str) else await self.backend.render(given)
 
     async def _prompt(self, message: policy_pb2.PolicyInput) -> str:
-        text = await convert.prompt_text(self.backend, message)
-        await convert.check_prompt_length(self.backend, text, self.limits, "input")
-        return text
+        return await self.plane.checked(await self._text(message), "input")
 
     async def Generate(
         self, request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> policy_pb2.GenerateResponse:
         params = convert.sampling(request.parameters, self.limits, DEFAULT_PARAMS, n=request.n)
-        completions = await self.backend.generate(await self._prompt(request.input), params)
+        completions = await self.plane.generate(await self._prompt(request.input), params)
         return policy_pb2.GenerateResponse(
             completions=[convert.completion_proto(c) for c in completions],
             policy_version=completions[0].policy_version or self.backend.policy_version,
@@ -84,6 +87,6 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def Render(
         self, request: policy_pb2.RenderRequest, context: grpc.aio.ServicerContext
     ) -> policy_pb2.RenderResponse:
-        text = await convert.prompt_text(self.backend, request.input)
+        text = await self._text(request.input)
         tokens = await self.backend.count_tokens(text)
         return policy_pb2.RenderResponse(text=text, token_count=tokens or 0)

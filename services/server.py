@@ -16,15 +16,17 @@ from cai import constitution as constitutions
 from cai.backends.base import Backend
 from cai.engine import CAIEngine
 from cai.errors import InvalidArgument
+from cai.kafka.stream import StreamStage
 from cai.v1 import critique_pb2, critique_pb2_grpc, judge_pb2, judge_pb2_grpc, policy_pb2, policy_pb2_grpc
 from services.backends import make_backend
-from services.convert import limits_of
 from services.critique import CritiqueServicer
+from services.dataplane import CritiquePlane, JudgePlane, Limits, PolicyPlane
 from services.interceptor import Auth, ServiceInterceptor
 from services.judge import JudgeServicer
 from services.observability import MeteredBackend, Metrics
 from services.policy import PolicyServicer
-from services.settings import ServiceName, ServiceSettings
+from services.processors import stream_stage
+from services.settings import CritiqueSettings, JudgeSettings, PolicySettings, ServiceName, ServiceSettings
 
 log = logging.getLogger("cai.server")
 
@@ -44,7 +46,7 @@ class RunningService:
     port: int
     metrics: Metrics
     grace_s: float
-    engine: CAIEngine | None = None  # critique and judge
+    plane: PolicyPlane | CritiquePlane | JudgePlane
     owns_backend: bool = True  # False: the caller passed the backend in, and closes it
 
     @property
@@ -55,6 +57,10 @@ class RunningService:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def stream(self, settings: ServiceSettings) -> StreamStage:
+        """This service's stream stage on the topics `settings` name."""
+        return stream_stage(self.plane, self.name, settings, self.metrics.stream)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, give in-flight calls the grace period, then close."""
@@ -97,7 +103,7 @@ async def start_service(
     owned = backend is None
     backend = MeteredBackend(backend or make_backend(settings.backend, settings), metrics)
     await backend.start()
-    limits = limits_of(settings)
+    limits = Limits.of(settings)
     server = grpc.aio.server(
         interceptors=[
             ServiceInterceptor(
@@ -114,15 +120,17 @@ async def start_service(
             ("grpc.so_reuseport", 0),  # a port already in use is an error, not silently shared
         ],
     )
-    engine = None
-    if name == "policy":
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(backend, limits), server)
+    plane: PolicyPlane | CritiquePlane | JudgePlane
+    if isinstance(settings, PolicySettings):
+        plane = PolicyPlane(backend, limits)
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane), server)
+    elif isinstance(settings, CritiqueSettings):
+        plane = CritiquePlane(CAIEngine(backend, constitutions.load(settings.constitution)), limits)
+        critique_pb2_grpc.add_CritiqueServiceServicer_to_server(CritiqueServicer(plane), server)
     else:
-        engine = CAIEngine(backend, constitutions.load(settings.constitution))
-        if name == "critique":
-            critique_pb2_grpc.add_CritiqueServiceServicer_to_server(CritiqueServicer(engine, limits), server)
-        else:
-            judge_pb2_grpc.add_JudgeServiceServicer_to_server(JudgeServicer(engine, limits), server)
+        assert isinstance(settings, JudgeSettings)
+        plane = JudgePlane(CAIEngine(backend, constitutions.load(settings.constitution)), limits)
+        judge_pb2_grpc.add_JudgeServiceServicer_to_server(JudgeServicer(plane), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -165,7 +173,7 @@ async def start_service(
         },
     )
     return RunningService(
-        name, server, health_servicer, backend, port, metrics, settings.grace_s, engine, owns_backend=owned
+        name, server, health_servicer, backend, port, metrics, settings.grace_s, plane, owns_backend=owned
     )
 
 
@@ -180,11 +188,9 @@ async def serve(name: ServiceName, settings: ServiceSettings) -> None:
     waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stopping.wait())]
     stream = None
     if settings.kafka:
-        from services.processors import stream_stage
-
-        stream = asyncio.ensure_future(stream_stage(service, settings).run(stopping))
+        stream = asyncio.ensure_future(service.stream(settings).run(stopping))
         waits.append(stream)
-        if name == "policy" and settings.follow_policy_versions:
+        if isinstance(settings, PolicySettings) and settings.follow_policy_versions:
             from services.policy_updates import PolicyFollower
 
             topic = settings.kafka_prefix + "policy-versions"

@@ -10,6 +10,7 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from cai.engine import CritiqueOptions, JudgeOptions
 from cai.errors import InvalidArgument
 
 ServiceName = Literal["policy", "critique", "judge"]
@@ -17,6 +18,9 @@ SERVICES: tuple[ServiceName, ...] = ("policy", "critique", "judge")
 
 
 class ServiceSettings(BaseSettings):
+    """What every service has: network, backend, limits, security, Kafka transport and logging.
+    The subclasses add what only one service uses (its stream stage's work, its constitution)."""
+
     model_config = SettingsConfigDict(extra="forbid", validate_default=True)
 
     host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 in a container")
@@ -41,7 +45,6 @@ class ServiceSettings(BaseSettings):
         5.0, ge=0, description="transformers backend: how long a batch waits for more requests"
     )
     max_queue: int = Field(256, ge=1, description="rows waiting before RESOURCE_EXHAUSTED")
-    constitution: str = Field("default", description="constitution name or YAML file (critique, judge)")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest accepted prompt, in tokens")
     max_new_tokens: int = Field(512, ge=1, description="largest accepted max_new_tokens")
     max_n: int = Field(8, ge=1, description="most completions per Generate and responses per Rank")
@@ -68,25 +71,6 @@ class ServiceSettings(BaseSettings):
     )
     kafka_commit_interval_s: float = Field(
         0.5, gt=0, description="seconds between offset commits (a crash replays up to this much work)"
-    )
-    follow_policy_versions: bool = Field(
-        True,
-        description="policy with kafka: load each version the trainer publishes on the policy-versions "
-        "topic (transformers backend)",
-    )
-    responses_per_prompt: int = Field(2, ge=1, description="policy stream: responses sampled per prompt")
-    response_max_new_tokens: int = Field(
-        96, ge=1, description="policy stream: length limit of the sampled responses"
-    )
-    rounds: int = Field(1, ge=1, description="critique stream: critique/revision rounds per rollout")
-    k_principles: int = Field(1, ge=1, description="judge stream: comparison principles per label")
-    judge_input: Literal["rollouts", "revisions"] = Field(
-        "rollouts",
-        description="judge stream: rollouts (two sampled responses) or revisions (revision vs initial)",
-    )
-    debias: bool = Field(True, description="judge stream: judge both orderings of each pair")
-    chain_of_thought: bool = Field(
-        False, description="judge stream: reason before the label (labels clamped to [0.4, 0.6])"
     )
     grace_s: float = Field(30.0, ge=0, description="seconds in-flight calls get to finish on SIGTERM")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
@@ -133,18 +117,50 @@ class PolicySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CAI_POLICY_", extra="forbid")
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9091, ge=0, le=65535)
+    follow_policy_versions: bool = Field(
+        True,
+        description="with kafka, load each version the trainer publishes on the policy-versions "
+        "topic (transformers backend)",
+    )
+    responses_per_prompt: int = Field(2, ge=1, description="the stream stage's responses sampled per prompt")
+    response_max_new_tokens: int = Field(
+        96, ge=1, description="length limit of the stream stage's sampled responses"
+    )
 
 
-class CritiqueSettings(ServiceSettings):
+class _ConstitutionSettings(ServiceSettings):
+    constitution: str = Field("default", description="constitution name or YAML file")
+
+
+class CritiqueSettings(_ConstitutionSettings):
     model_config = SettingsConfigDict(env_prefix="CAI_CRITIQUE_", extra="forbid")
     port: int = Field(50052, ge=0, le=65535)
     metrics_port: int = Field(9092, ge=0, le=65535)
+    rounds: int = Field(1, ge=1, description="the stream stage's critique/revision rounds per rollout")
+
+    @property
+    def critique_options(self) -> CritiqueOptions:
+        return CritiqueOptions(rounds=self.rounds)
 
 
-class JudgeSettings(ServiceSettings):
+class JudgeSettings(_ConstitutionSettings):
     model_config = SettingsConfigDict(env_prefix="CAI_JUDGE_", extra="forbid")
     port: int = Field(50053, ge=0, le=65535)
     metrics_port: int = Field(9093, ge=0, le=65535)
+    k_principles: int = Field(1, ge=1, description="the stream stage's comparison principles per label")
+    judge_input: Literal["rollouts", "revisions"] = Field(
+        "rollouts",
+        description="the stream stage's input: rollouts (two sampled responses) or revisions "
+        "(revision vs initial)",
+    )
+    debias: bool = Field(True, description="the stream stage judges both orderings of each pair")
+    chain_of_thought: bool = Field(
+        False, description="the stream stage reasons before the label (labels clamped to [0.4, 0.6])"
+    )
+
+    @property
+    def judge_options(self) -> JudgeOptions:
+        return JudgeOptions(k_principles=self.k_principles, debias=self.debias, cot=self.chain_of_thought)
 
 
 SETTINGS: dict[str, type[ServiceSettings]] = {
@@ -152,6 +168,11 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
     "critique": CritiqueSettings,
     "judge": JudgeSettings,
 }
+
+
+def all_fields() -> dict[str, Any]:
+    """Every setting of any service, by name (the `cai serve` flags)."""
+    return {name: f for cls in SETTINGS.values() for name, f in cls.model_fields.items()}
 
 
 def load_settings(service: ServiceName, config_file: Path | None = None, **flags: Any) -> ServiceSettings:

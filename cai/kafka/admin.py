@@ -19,10 +19,10 @@ from cai.errors import NotFound, Unavailable
 from cai.kafka import client
 from cai.kafka.records import encode
 from cai.kafka.topics import INPUT_TOPICS, TOPICS, check_prefix, cluster_metadata, dlq, kafka_failure
-from cai.v1 import common_pb2, records_pb2
+from cai.v1 import records_pb2
 
 if TYPE_CHECKING:
-    from cai.pipeline import PromptRecord
+    from cai.records import Prompt
 
 # Short: a wrong --kafka is reported in seconds. A single request to a live broker takes milliseconds.
 TIMEOUT_MS = 5000
@@ -92,17 +92,9 @@ def _no_topic(bootstrap: str, topic: str, prefix: str) -> NotFound:
 # ---- prompts --------------------------------------------------------------------------------
 
 
-def prompt_message(record: PromptRecord, seed: int) -> records_pb2.PromptRecord:
+def prompt_message(prompt: Prompt, seed: int) -> records_pb2.PromptRecord:
     """The prompts topic's record for one prompt; its seed is `cai up`'s per-prompt seed."""
-    from cai.pipeline import prompt_seed
-
-    user = common_pb2.Message(role=common_pb2.ROLE_USER, content=record.prompt)
-    return records_pb2.PromptRecord(
-        prompt_id=record.id,
-        conversation=common_pb2.Conversation(messages=[user]),
-        category=record.category,
-        seed=prompt_seed(seed, record.id),
-    )
+    return prompt.seeded(seed).to_proto()
 
 
 def _produce(
@@ -119,7 +111,7 @@ def _produce(
             producer.poll(0.1)
 
 
-def push_prompts(bootstrap: str, records: Sequence[PromptRecord], seed: int = 0, prefix: str = "") -> int:
+def push_prompts(bootstrap: str, records: Sequence[Prompt], seed: int = 0, prefix: str = "") -> int:
     """Produce the prompts to `<prefix>prompts`, keyed by prompt id; return how many were written.
 
     When it returns, every record is acknowledged by all in-sync replicas. The producer is

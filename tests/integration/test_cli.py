@@ -133,7 +133,8 @@ def test_up_through_the_services_gives_the_same_records(tmp_path, default_model)
             for kind in ("sft", "revisions", "preferences")
         }
     embedded, served = runs["embedded"], runs["services"]
-    volatile = {"created_at", "run_id", "p_chosen", "judgment"}  # labels: equal up to float rounding
+    # sample ids, responses, chosen/rejected and principles must match exactly; labels up to rounding
+    volatile = {"created_at", "run_id", "p_chosen", "p_a", "judgment"}
     for kind in ("sft", "revisions", "preferences"):
         [a], [b] = embedded[kind], served[kind]
         assert {k: v for k, v in a.items() if k not in volatile} == {
@@ -141,6 +142,7 @@ def test_up_through_the_services_gives_the_same_records(tmp_path, default_model)
         }
     [a], [b] = embedded["preferences"], served["preferences"]
     assert a["p_chosen"] == pytest.approx(b["p_chosen"], abs=1e-4)
+    assert a["p_a"] == pytest.approx(b["p_a"], abs=1e-4)
 
 
 def test_import_errors_keep_their_text(tmp_path, data_dir):

@@ -3,7 +3,7 @@
 import pytest
 
 from cai import constitution
-from cai.engine import CAIEngine
+from cai.engine import CAIEngine, CritiqueOptions, JudgeOptions
 from cai.errors import InvalidArgument, NotFound
 
 pytestmark = pytest.mark.integration
@@ -21,30 +21,30 @@ def engine(backend):
 
 async def test_critique_chain(engine):
     conversation = [*PROMPT, {"role": "assistant", "content": ANSWER_A}]
-    chain = await engine.critique_revise(conversation, rounds=2, seed=4)
+    chain = await engine.critique_revise(conversation, CritiqueOptions(rounds=2), seed=4)
     assert chain.initial == ANSWER_A
     assert len(chain.steps) == 2
     for step in chain.steps:
         assert step.critique.strip() and step.revision.strip()
         engine.constitution.principle(step.principle_id)  # a real principle
     assert chain.final == chain.steps[-1].revision
-    again = await engine.critique_revise(conversation, rounds=2, seed=4)
+    again = await engine.critique_revise(conversation, CritiqueOptions(rounds=2), seed=4)
     assert again.principle_ids == chain.principle_ids
 
 
 async def test_critique_with_named_principles(engine):
     conversation = [*PROMPT, {"role": "assistant", "content": ANSWER_A}]
-    chain = await engine.critique_revise(conversation, rounds=1, principles=["no-harm-to-others"], seed=1)
+    chain = await engine.critique_revise(conversation, CritiqueOptions(1, ("no-harm-to-others",)), seed=1)
     assert chain.principle_ids == ["no-harm-to-others"]
     with pytest.raises(NotFound, match="no-such-principle"):
-        await engine.critique_revise(conversation, principles=["no-such-principle"])
+        await engine.critique_revise(conversation, CritiqueOptions(principles=("no-such-principle",)))
     with pytest.raises(InvalidArgument, match="conversation"):
         await engine.critique_revise(PROMPT)
 
 
 async def test_compare_is_a_soft_debiased_label(engine):
-    ab = await engine.compare(PROMPT, ANSWER_A, ANSWER_B, k_principles=3, seed=9)
-    ba = await engine.compare(PROMPT, ANSWER_B, ANSWER_A, k_principles=3, seed=9)
+    ab = await engine.compare(PROMPT, ANSWER_A, ANSWER_B, JudgeOptions(k_principles=3), seed=9)
+    ba = await engine.compare(PROMPT, ANSWER_B, ANSWER_A, JudgeOptions(k_principles=3), seed=9)
     assert 0.0 < ab.p_a < 1.0
     assert ab.principle_ids == ba.principle_ids and len(set(ab.principle_ids)) == 3
     assert ab.p_a == pytest.approx(1.0 - ba.p_a, abs=1e-4)
@@ -56,12 +56,12 @@ async def test_compare_is_a_soft_debiased_label(engine):
 
 
 async def test_compare_without_debias_and_with_chain_of_thought(engine):
-    single = await engine.compare(PROMPT, ANSWER_A, ANSWER_B, debias=False, seed=2)
+    single = await engine.compare(PROMPT, ANSWER_A, ANSWER_B, JudgeOptions(debias=False), seed=2)
     assert single.labels[0].p_first_ba is None
     assert single.p_a == single.labels[0].p_first_ab
-    cot = await engine.compare(PROMPT, ANSWER_A, ANSWER_B, cot=True, seed=2)
+    cot = await engine.compare(PROMPT, ANSWER_A, ANSWER_B, JudgeOptions(cot=True), seed=2)
     label = cot.labels[0]
     assert 0.4 <= label.p_first_ab <= 0.6 and 0.4 <= label.p_first_ba <= 0.6
     assert all(r.strip() for r in label.reasoning)
     with pytest.raises(InvalidArgument, match="k_principles"):
-        await engine.compare(PROMPT, ANSWER_A, ANSWER_B, k_principles=99)
+        await engine.compare(PROMPT, ANSWER_A, ANSWER_B, JudgeOptions(k_principles=99))

@@ -8,7 +8,7 @@ import pytest
 
 from cai import constitution, pipeline
 from cai.backends.base import SamplingParams
-from cai.engine import CAIEngine, EngineConfig
+from cai.engine import CAIEngine, CritiqueOptions, EngineConfig, JudgeOptions
 
 pytestmark = pytest.mark.integration
 
@@ -37,10 +37,10 @@ async def test_samples_mode_is_rl_cai_and_the_same_seed_repeats_the_run(engine, 
         return pipeline.RunConfig(
             out=out,
             prompts=prompts,
-            rounds=2,
+            critique=CritiqueOptions(rounds=2),
             seed=5,
             pairs="samples",
-            k_principles=2,
+            judge=JudgeOptions(k_principles=2),
             response_params=SHORT,
         )
 

@@ -8,7 +8,6 @@ import signal
 import sys
 
 from cai.backends.fake import FakeBackend
-from services.processors import stream_stage
 from services.server import start_service
 from services.settings import load_settings
 
@@ -18,7 +17,7 @@ async def main(name: str, bootstrap: str, prefix: str, delay_s: float) -> None:
     service = await start_service(name, settings, FakeBackend(delay_s=delay_s))  # type: ignore[arg-type]
     stopping = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
-    await stream_stage(service, settings).run(stopping)
+    await service.stream(settings).run(stopping)
     await service.stop(0)
 
 

@@ -23,7 +23,7 @@ from cai.errors import NotFound
 from cai.kafka.admin import pipeline_status, push_prompts, stage_groups
 from cai.kafka.records import SCHEMA_HEADER, decode, schema_of
 from cai.kafka.topics import TopicSpec, all_topics, create_topics, dlq
-from cai.pipeline import PromptRecord, prompt_seed
+from cai.records import Prompt, prompt_seed
 from cai.v1 import common_pb2, records_pb2
 from cli.main import main
 
@@ -176,7 +176,7 @@ def test_prompts_push_puts_exactly_the_file_on_the_prompts_topic(
         )
     # Keyed by prompt id: pushing again sends every prompt to the partition it went to before.
     first_partitions = {record.key(): partition for partition, record in found}
-    push_prompts(bootstrap, [PromptRecord(row["id"], row["prompt"]) for row in PROMPTS], prefix=prefix)
+    push_prompts(bootstrap, [Prompt(row["id"], row["prompt"]) for row in PROMPTS], prefix=prefix)
     again = read_topic(bootstrap, prefix + "prompts", 2 * len(PROMPTS))
     assert len(again) == 2 * len(PROMPTS)
     assert all(first_partitions[record.key()] == partition for partition, record in again)
@@ -199,7 +199,7 @@ def test_a_bad_line_pushes_nothing_and_names_the_line(
 def test_a_missing_topic_is_reported_and_not_created(kafka_broker: Broker, prefix: str) -> None:
     bootstrap = kafka_broker.bootstrap
     with pytest.raises(NotFound, match=rf"topic '{prefix}prompts' does not exist on {bootstrap}; create"):
-        push_prompts(bootstrap, [PromptRecord("a", "hello")], prefix=prefix)
+        push_prompts(bootstrap, [Prompt("a", "hello")], prefix=prefix)
     with pytest.raises(NotFound, match="cai topics create"):
         pipeline_status(bootstrap, prefix=prefix, window=0)
     # librdkafka's admin clients and producers would have the broker create a missing topic they

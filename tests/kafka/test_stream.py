@@ -27,7 +27,6 @@ from cai.kafka import records
 from cai.kafka.admin import stage_group
 from cai.kafka.topics import TopicSpec, create_topics, dlq
 from cai.v1 import common_pb2, records_pb2
-from services.processors import stream_stage
 from services.server import start_service
 from services.settings import load_settings
 
@@ -143,7 +142,7 @@ async def stages(
     for name in names:
         s = settings(name, bootstrap, prefix, **extra)
         service = await start_service(name, s, FakeBackend(delay_s=0.01))  # type: ignore[arg-type]
-        stream = stream_stage(service, s)
+        stream = service.stream(s)
         running.append(service)
         streams.append(stream)
         tasks.append(asyncio.ensure_future(stream.run(stopping)))

@@ -26,7 +26,6 @@ from cai.kafka.topics import TopicSpec, create_topics, dlq
 from cai.policy_versions import KafkaPublisher, PolicyVersion, pack_adapter
 from cai.v1 import common_pb2, policy_pb2, policy_pb2_grpc, records_pb2
 from services.policy_updates import PolicyFollower
-from services.processors import stream_stage
 from services.server import start_service
 from tests.kafka.test_stream import push, push_prompts, read_all, settings, wait_for
 
@@ -182,7 +181,7 @@ async def test_policy_service_swaps_versions_between_batches(kafka_broker, tiny_
             swapped_at = len(seen)
             await asyncio.sleep(1.5)
             # the stream stage's rollouts, produced after the swap, carry the new version
-            tasks.append(asyncio.ensure_future(stream_stage(service, s).run(stopping)))
+            tasks.append(asyncio.ensure_future(service.stream(s).run(stopping)))
             push_prompts(bootstrap, prefix, [_prompt()])
             rollouts = await wait_for(bootstrap, prefix + "rollouts", records_pb2.RolloutRecord, 1)
             stopping.set()

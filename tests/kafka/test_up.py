@@ -47,7 +47,8 @@ def test_up_through_kafka_gives_the_same_records(tmp_path, default_model, kafka_
     streamed = cai(*common, "--out", str(tmp_path / "kafka"), "--kafka", kafka_broker.bootstrap)
     assert streamed.returncode == 0, streamed.stderr
     a, b = records(tmp_path / "embedded"), records(tmp_path / "kafka")
-    volatile = {"created_at", "run_id", "p_chosen", "judgment"}  # labels: equal up to float rounding
+    # sample ids, responses, chosen/rejected and principles must match exactly; labels up to rounding
+    volatile = {"created_at", "run_id", "p_chosen", "p_a", "judgment"}
     for kind in KINDS:
         assert len(a[kind]) == len(b[kind]) == 2
         for x, y in zip(a[kind], b[kind], strict=True):
@@ -56,6 +57,7 @@ def test_up_through_kafka_gives_the_same_records(tmp_path, default_model, kafka_
             }
     for x, y in zip(a["preferences"], b["preferences"], strict=True):
         assert x["p_chosen"] == pytest.approx(y["p_chosen"], abs=1e-4)
+        assert x["p_a"] == pytest.approx(y["p_a"], abs=1e-4)
     run = json.loads((tmp_path / "kafka" / "run.json").read_text())
     assert run["counts"]["preferences"] == 2 and run["config"]["transport"] == "kafka"
     # Every stage committed all it consumed, and nothing was dead-lettered.

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from cai import constitution, pipeline
+from cai import records as record_model
+from cai.backends.base import Completion
 from cai.engine import ComparisonResult, CritiqueChain, CritiqueStep
 
 # (prompt, initial answer, revision, p(revision better)): short, so steps stay fast on a CPU.
@@ -19,23 +21,18 @@ RECORDS = [
 ]
 
 
-def write_run(folder: Path, records: list[tuple[str, str, str, float]] = RECORDS) -> Path:
+def write_run(folder: Path, rows: list[tuple[str, str, str, float]] = RECORDS) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     cons = constitution.load("default")
     writer = pipeline.RunWriter(folder, cons)
     principle = cons.principles[0].id
-    for i, (prompt, initial, revision, p) in enumerate(records):
+    for i, (text, initial, revision, p) in enumerate(rows):
+        prompt = record_model.Prompt(f"p{i}", text, "test", seed=i)
+        rollout = record_model.rollout_of(prompt, [Completion(initial, 1, "stop")], "test-model")
         chain = CritiqueChain(initial, [CritiqueStep(principle, "It could be better.", revision)])
-        result = pipeline.PromptResult(
-            record=pipeline.PromptRecord(f"p{i}", prompt, "test"),
-            seed=i,
-            responses=[initial],
-            chain=chain,
-            pair=(revision, initial),
-            judgment=ComparisonResult(p, []),
-            policy_version="base",
-        )
-        writer.add(i, result, "test-model")
+        revised = record_model.revision_of(rollout, chain, cons, "test-model")
+        preference = record_model.preference_of(revised, ComparisonResult(p, []), cons, "test-model")
+        writer.add(i, pipeline.PromptResult(rollout, revised, preference))
     writer.close()
     return folder
 

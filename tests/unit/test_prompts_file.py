@@ -3,7 +3,8 @@ import json
 import pytest
 
 from cai.errors import InvalidArgument, NotFound
-from cai.pipeline import load_prompts, prompt_seed
+from cai.pipeline import load_prompts
+from cai.records import prompt_seed
 
 
 def test_builtin_prompt_set():
