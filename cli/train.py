@@ -1,7 +1,7 @@
-"""`cai train`: SFT or soft-label DPO on a `cai up` run folder.
+"""`cai train`: SFT or soft-label DPO on a `cai up` run folder or the pipeline's Kafka topics.
 
-Every `TrainConfig` field is a flag (`--micro-batch-size`, `--lora/--no-lora`, ...), generated
-from the dataclass so the two cannot drift; flags that are given win over `--config FILE`.
+Every `TrainConfig` setting is a flag (`--micro-batch-size`, `--lora/--no-lora`, ...), generated
+from the pydantic models so the two cannot drift; flags that are given win over `--config FILE`.
 """
 
 from __future__ import annotations
@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 import types
 import typing
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import click
 
-from trainer.config import TrainConfig, field_docs
+from trainer.config import TrainConfig, default_text
 
 
 def _option_type(hint: Any) -> Any:
@@ -29,18 +28,16 @@ def _option_type(hint: Any) -> Any:
 
 
 def _config_options(command: Any) -> Any:
-    """One flag per TrainConfig field, each defaulting to 'not given'."""
-    hints = typing.get_type_hints(TrainConfig)
-    helps = {name: (help_text, default) for name, _, default, help_text in field_docs()}
-    for f in reversed(fields(TrainConfig)):
-        flag = "--" + f.name.replace("_", "-")
-        help_text, default = helps[f.name]
-        help_text = f"{help_text} [default: {default}]"
-        if hints[f.name] is bool:
-            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+    """One flag per TrainConfig setting, each defaulting to 'not given'."""
+    for name, info in reversed(TrainConfig.model_fields.items()):
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{info.description} [default: {default_text(info)}]"
+        if info.annotation is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
         else:
-            kind = _option_type(hints[f.name])
-            option = click.option(flag, f.name, type=kind, default=None, help=help_text)
+            option = click.option(
+                flag, name, type=_option_type(info.annotation), default=None, help=help_text
+            )
         command = option(command)
     return command
 
@@ -62,7 +59,7 @@ class _WarningLines(logging.Handler):
     "config_file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="YAML file of TrainConfig fields; flags given here override it.",
+    help="YAML file of settings (the flags' names with underscores); flags given here override it.",
 )
 @_config_options
 def train(config_file: Path | None, **flags: Any) -> None:

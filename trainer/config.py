@@ -1,7 +1,15 @@
-"""`TrainConfig`: every setting of `cai train`, documented in TRL's style.
+"""`TrainConfig`: every setting of `cai train`, as pydantic models like the services' settings.
 
-The dataclass is the single source of truth: `cai train`'s flags, the YAML file's keys and the
-table in docs/training.md are all generated from its fields and their `help` metadata.
+The settings are split by concern, as TRL splits its configs (`TrainingArguments`, then what
+`DPOConfig` adds): `TrainingSettings` is what every run uses; `SourceSettings` says where the
+samples come from; `DPOSettings` is what the dpo modes add; `OnlineSettings` is what online-dpo
+adds (staleness and publishing policy versions). `TrainConfig` is all of them in one flat model,
+so the YAML keys and the flags stay one flat namespace: `beta: 0.2`, `--publish-every 5`.
+
+The models are the single source of truth: `cai train`'s flags, the YAML file's keys and the
+tables in docs/training.md are all generated from their fields and descriptions (`SECTIONS`).
+Values are checked strictly, as a YAML file is written (an int is not a bool, 2.5 is not an int);
+every error is an InvalidArgument that names the setting.
 """
 
 from __future__ import annotations
@@ -9,11 +17,13 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 from cai.errors import InvalidArgument, NotFound
 
@@ -23,178 +33,201 @@ Scheduler = Literal["linear", "cosine", "constant"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-@dataclass
-class TrainConfig:
-    """Settings of one training run. Unset fields keep these defaults."""
+class _Section(BaseModel):
+    # strict: YAML already gives typed values; "1e-4" (a string to YAML) or 2.5 steps are errors
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str = field(
-        default="default",
-        metadata={"help": "'default' (SmolLM2-135M-Instruct), a local model folder, or a hub id."},
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_as_strings(cls, values: Any) -> Any:
+        """Folders may be given as Paths (from Python); they are kept as strings."""
+        if isinstance(values, dict):
+            return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+        return values
+
+
+class TrainingSettings(_Section):
+    """What every run uses: the model, LoRA, the optimizer and schedule, checkpoints and logs."""
+
+    model: str = Field(
+        "default", description="'default' (SmolLM2-135M-Instruct), a local model folder, or a hub id."
     )
-    mode: Mode = field(
-        default="dpo",
-        metadata={
-            "help": "sft: next-token loss on the final revisions; dpo: soft-label DPO on the "
-            "judge's preferences; online-dpo: dpo on a stream whose pairs the policy in service "
-            "keeps generating, publishing a new policy version every publish_every steps."
-        },
+    mode: Mode = Field(
+        "dpo",
+        description="sft: next-token loss on the final revisions; dpo: soft-label DPO on the "
+        "judge's preferences; online-dpo: dpo on a stream whose pairs the policy in service "
+        "keeps generating, publishing a new policy version every publish_every steps.",
     )
-    source: SourceKind = field(
-        default="file",
-        metadata={
-            "help": "Where samples come from: 'file' (a `cai up` run folder, --data), 'kafka' (the "
-            "revisions or preferences topic, --kafka) or 'memory' (in-process, for `cai up`)."
-        },
+    output_dir: str = Field(
+        "train-out",
+        description="Folder for log.jsonl, the checkpoints and the final model; reruns resume here.",
     )
-    data: str | None = field(
-        default=None,
-        metadata={"help": "The `cai up` run folder to train on (required for source 'file')."},
+    lora: bool = Field(
+        True,
+        description="Train a LoRA adapter (the reference is the base model, adapter off). "
+        "False: full fine-tuning with a frozen copy of the model as reference (twice the weights).",
     )
-    kafka: str | None = field(default=None, metadata={"help": "Kafka bootstrap HOST:PORT (source 'kafka')."})
-    kafka_prefix: str = field(
-        default="", metadata={"help": "Prefix of the topic names, as given to the services."}
-    )
-    stream_idle_timeout_s: float | None = field(
-        default=None,
-        metadata={"help": "Stream sources: end the run after this many seconds without a sample."},
-    )
-    max_staleness: int | None = field(
-        default=2,
-        metadata={
-            "help": "Drop (and count) samples generated by a policy more than this many versions "
-            "older than the newest published one; 0: strictly on-policy; null: keep all."
-        },
-    )
-    publish_every: int = field(
-        default=10,
-        metadata={"help": "online-dpo: publish the adapter as a new policy version every N optimizer steps."},
-    )
-    serve_policies_port: int | None = field(
-        default=None,
-        metadata={
-            "help": "Serve the published policy archives over HTTP on this port, so services on "
-            "other machines can fetch them (their uri becomes http://HOST:PORT/...)."
-        },
-    )
-    policy_url_host: str | None = field(
-        default=None,
-        metadata={"help": "Host name services reach this trainer by (default: this host's name)."},
-    )
-    rollout_deployment: str | None = field(
-        default=None,
-        metadata={
-            "help": "NAMESPACE/NAME of a policy Deployment (e.g. TGI) to roll through the Kubernetes "
-            "API on each published version, for backends that cannot load adapters live."
-        },
-    )
-    output_dir: str = field(
-        default="train-out",
-        metadata={"help": "Folder for log.jsonl, the checkpoints and the final model; reruns resume here."},
-    )
-    lora: bool = field(
-        default=True,
-        metadata={
-            "help": "Train a LoRA adapter (the reference is the base model, adapter off). "
-            "False: full fine-tuning with a frozen copy of the model as reference (twice the weights)."
-        },
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: list[str] = field(
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata={"help": "Module names that get adapters (comma-separated on the command line)."},
+        description="Module names that get adapters (comma-separated on the command line).",
     )
-    beta: float = field(
-        default=0.1, metadata={"help": "DPO temperature: how far the policy may move from the reference."}
+    learning_rate: float = Field(
+        1e-4,
+        gt=0,
+        description="Peak learning rate of AdamW (LoRA; full fine-tuning wants about 1e-6 to 5e-6).",
     )
-    learning_rate: float = field(
-        default=1e-4,
-        metadata={"help": "Peak learning rate of AdamW (LoRA; full fine-tuning wants about 1e-6 to 5e-6)."},
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_scheduler: Scheduler = Field(
+        "linear", description="Decay after warmup: linear or cosine to zero at the last step, or constant."
     )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    lr_scheduler: Scheduler = field(
-        default="linear",
-        metadata={"help": "Decay after warmup: linear or cosine to zero at the last step, or constant."},
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from zero.")
+    micro_batch_size: int = Field(2, ge=1, description="Samples (pairs in dpo) per forward/backward pass.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps to train; overrides epochs when set."
     )
-    warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup from zero."})
-    micro_batch_size: int = field(
-        default=2, metadata={"help": "Samples (pairs in dpo) per forward/backward pass."}
+    epochs: int = Field(1, ge=1, description="Passes over the data when max_steps is not set.")
+    max_grad_norm: float = Field(
+        1.0, ge=0, description="Clip the gradient to this global L2 norm (0: no clipping)."
     )
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Micro-batches per optimizer step."}
+    max_length: int = Field(
+        512,
+        ge=8,
+        description="Tokens per sequence (prompt + completion). Longer prompts keep their last "
+        "max_length/2 tokens, then the completion is cut at the end.",
     )
-    max_steps: int | None = field(
-        default=None, metadata={"help": "Optimizer steps to train; overrides epochs when set."}
+    seed: int = Field(0, description="Seeds the data order, LoRA init and dropout.")
+    checkpoint_every: int = Field(
+        50, ge=1, description="Write a checkpoint every N optimizer steps (and at the end)."
     )
-    epochs: int = field(default=1, metadata={"help": "Passes over the data when max_steps is not set."})
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Clip the gradient to this global L2 norm (0: no clipping)."}
-    )
-    max_length: int = field(
-        default=512,
-        metadata={
-            "help": "Tokens per sequence (prompt + completion). Longer prompts keep their last "
-            "max_length/2 tokens, then the completion is cut at the end."
-        },
-    )
-    seed: int = field(default=0, metadata={"help": "Seeds the data order, LoRA init and dropout."})
-    checkpoint_every: int = field(
-        default=50, metadata={"help": "Write a checkpoint every N optimizer steps (and at the end)."}
-    )
-    keep_checkpoints: int = field(default=2, metadata={"help": "Newest checkpoints to keep on disk."})
-    log_every: int = field(default=1, metadata={"help": "Write a log.jsonl line every N optimizer steps."})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if present)."})
-    dtype: DType = field(
-        default="auto",
-        metadata={
-            "help": "Model weights' dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32."
-        },
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints to keep on disk.")
+    log_every: int = Field(1, ge=1, description="Write a log.jsonl line every N optimizer steps.")
+    device: str | None = Field(None, description="torch device (default: cuda if present).")
+    dtype: DType = Field(
+        "auto",
+        description="Model weights' dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, "
+        "else float32.",
     )
 
-    def __post_init__(self) -> None:
-        self.validate()
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _module_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from the command line
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return list(value) if isinstance(value, tuple) else value
 
-    # ---- validation ---------------------------------------------------------------------
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _some_modules(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one module")
+        return value
 
-    def validate(self) -> None:
-        """Check every field's type and range; the error names the field."""
-        hints = _hints()
-        for f in fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
-        positive = ["lora_r", "lora_alpha", "micro_batch_size", "gradient_accumulation_steps", "epochs"]
-        positive += ["max_length", "checkpoint_every", "keep_checkpoints", "log_every", "publish_every"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InvalidArgument(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise InvalidArgument(f"max_steps: must be at least 1, got {self.max_steps}")
-        for name in ("beta", "learning_rate"):
-            if not getattr(self, name) > 0:
-                raise InvalidArgument(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "max_grad_norm", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise InvalidArgument(f"{name}: must not be negative, got {getattr(self, name)}")
-        if not 0 <= self.lora_dropout < 1:
-            raise InvalidArgument(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
-        if not self.lora_target_modules:
-            raise InvalidArgument("lora_target_modules: name at least one module")
+    @field_validator("lora_dropout")
+    @classmethod
+    def _dropout(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps
+
+
+class SourceSettings(_Section):
+    """Where samples come from: a `cai up` run folder, a Kafka topic, or this process."""
+
+    source: SourceKind = Field(
+        "file",
+        description="Where samples come from: 'file' (a `cai up` run folder, --data), 'kafka' (the "
+        "revisions or preferences topic, --kafka) or 'memory' (in-process, for `cai up`).",
+    )
+    data: str | None = Field(
+        None, description="The `cai up` run folder to train on (required for source 'file')."
+    )
+    kafka: str | None = Field(None, description="Kafka bootstrap HOST:PORT (source 'kafka').")
+    kafka_prefix: str = Field("", description="Prefix of the topic names, as given to the services.")
+    stream_idle_timeout_s: float | None = Field(
+        None, description="Stream sources: end the run after this many seconds without a sample."
+    )
+
+
+class DPOSettings(_Section):
+    """What dpo and online-dpo add."""
+
+    beta: float = Field(
+        0.1, gt=0, description="DPO temperature: how far the policy may move from the reference."
+    )
+
+
+class OnlineSettings(_Section):
+    """What online-dpo adds: the staleness filter, and how each new policy version is published."""
+
+    max_staleness: int | None = Field(
+        2,
+        ge=0,
+        description="Drop (and count) samples generated by a policy more than this many versions "
+        "older than the newest published one; 0: strictly on-policy; null: keep all.",
+    )
+    publish_every: int = Field(
+        10,
+        ge=1,
+        description="online-dpo: publish the adapter as a new policy version every N optimizer steps.",
+    )
+    serve_policies_port: int | None = Field(
+        None,
+        description="Serve the published policy archives over HTTP on this port, so services on "
+        "other machines can fetch them (their uri becomes http://HOST:PORT/...).",
+    )
+    policy_url_host: str | None = Field(
+        None, description="Host name services reach this trainer by (default: this host's name)."
+    )
+    rollout_deployment: str | None = Field(
+        None,
+        description="NAMESPACE/NAME of a policy Deployment (e.g. TGI) to roll through the Kubernetes "
+        "API on each published version, for backends that cannot load adapters live.",
+    )
+
+
+# The sections in the order of the docs and of `cai train --help`, with who uses them.
+SECTIONS: tuple[tuple[str, type[_Section]], ...] = (
+    ("every mode", TrainingSettings),
+    ("samples", SourceSettings),
+    ("dpo and online-dpo", DPOSettings),
+    ("online-dpo", OnlineSettings),
+)
+
+
+# pydantic lists the fields of the last base first: this order gives the order of SECTIONS.
+class TrainConfig(OnlineSettings, DPOSettings, SourceSettings, TrainingSettings):
+    """Settings of one training run. Unset fields keep their defaults."""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise InvalidArgument(_first_error(exc, values)) from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        """The rules between settings of different sections; each error names the setting to change."""
         if self.source != "file" and self.data is not None:
-            raise InvalidArgument(f"data: a run folder is read by source 'file' only, not {self.source!r}")
+            raise ValueError(f"data: a run folder is read by source 'file' only, not {self.source!r}")
         if self.source != "file" and self.max_steps is None and self.lr_scheduler != "constant":
-            raise InvalidArgument(
+            raise ValueError(
                 "max_steps: a stream trains until it is stopped unless max_steps is set; without it "
                 "the learning rate cannot decay, so set lr_scheduler to 'constant'"
             )
-        if self.max_staleness is not None and self.max_staleness < 0:
-            raise InvalidArgument(f"max_staleness: must not be negative, got {self.max_staleness}")
         if self.mode == "online-dpo":
             if self.source == "file":
-                raise InvalidArgument("source: online-dpo trains on a stream: use 'kafka' or 'memory'")
+                raise ValueError("source: online-dpo trains on a stream: use 'kafka' or 'memory'")
             if not self.lora:
-                raise InvalidArgument("lora: online-dpo publishes LoRA adapters, not full weights")
-        if self.max_length < 8:
-            raise InvalidArgument(f"max_length: must be at least 8, got {self.max_length}")
+                raise ValueError("lora: online-dpo publishes LoRA adapters, not full weights")
+        return self
 
     def check_ready(self) -> None:
         """What a run needs beyond valid values: the data folder and its file, or a broker."""
@@ -219,19 +252,19 @@ class TrainConfig:
         return self.kafka_prefix + ("revisions" if self.mode == "sft" else "preferences")
 
     @property
-    def samples_per_step(self) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps
+    def group(self) -> str:
+        """The Kafka source's consumer group (for lag monitoring: `PREFIXcai-trainer`)."""
+        from cai.kafka.admin import stage_group
+
+        return stage_group("trainer", self.kafka_prefix)
 
     # ---- construction -------------------------------------------------------------------
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
-        known = [f.name for f in fields(cls)]
         for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise InvalidArgument(f"{where}: unknown key {key!r}{hint}")
+            if key not in cls.model_fields:
+                raise InvalidArgument(f"{where}: {_unknown(key)}")
         try:
             return cls(**values)
         except InvalidArgument as exc:
@@ -241,8 +274,8 @@ class TrainConfig:
     def from_yaml(
         cls, path: str | Path, overrides: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None
     ) -> TrainConfig:
-        """Read a YAML mapping of field names; `overrides` (set CLI flags) win over the file, which
-        wins over `defaults` (the caller's, in place of the dataclass's)."""
+        """Read a YAML mapping of setting names; `overrides` (set CLI flags) win over the file, which
+        wins over `defaults` (the caller's, in place of the models')."""
         path = Path(path)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -257,80 +290,75 @@ class TrainConfig:
         return cls.from_dict({**(defaults or {}), **loaded, **(overrides or {})}, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
 
-def _hints() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+# ---- errors -------------------------------------------------------------------------------------
 
 
-def _type_name(hint: Any) -> str:
+def _unknown(key: object) -> str:
+    close = difflib.get_close_matches(str(key), list(TrainConfig.model_fields), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r}{hint}"
+
+
+def _first_error(exc: ValidationError, values: dict[str, Any]) -> str:
+    """One line for the first problem: `name: what is wrong`."""
+    error = exc.errors()[0]
+    if not error["loc"]:  # a rule between settings: its message names the setting
+        return str(error.get("ctx", {}).get("error", error["msg"]))
+    name = str(error["loc"][0])
+    if error["type"] == "extra_forbidden":
+        return _unknown(name)
+    return f"{name}: {_problem(error, TrainConfig.model_fields[name], values.get(name))}"
+
+
+def _problem(error: ErrorDetails, info: FieldInfo, value: Any) -> str:
+    ctx = error.get("ctx", {})
+    if error["type"] == "value_error":
+        return str(ctx["error"])
+    if error["type"] == "greater_than_equal":
+        bound = ctx["ge"]
+        return (
+            f"must not be negative, got {value}" if bound == 0 else f"must be at least {bound}, got {value}"
+        )
+    if error["type"] == "greater_than" and ctx["gt"] == 0:
+        return f"must be positive, got {value}"
+    return f"expected {type_name(info.annotation)}, got {value!r}"
+
+
+# ---- docs and flags -----------------------------------------------------------------------------
+
+
+def type_name(hint: Any) -> str:
     origin = get_origin(hint)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(hint))
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(hint))
+        return " | ".join(type_name(a) for a in get_args(hint))
     if origin is list:
-        return f"list[{_type_name(get_args(hint)[0])}]"
+        return f"list[{type_name(get_args(hint)[0])}]"
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """`value` as the field's type, or an InvalidArgument naming the field and the expected type."""
-    origin = get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in get_args(hint):
-            return None
-        (inner,) = [a for a in get_args(hint) if a is not type(None)]
-        try:
-            return _coerce(name, value, inner)
-        except InvalidArgument:
-            raise InvalidArgument(f"{name}: expected {_type_name(hint)}, got {value!r}") from None
-    if origin is Literal:
-        if value in get_args(hint):
-            return value
-    elif origin is list:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            return list(value)
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, Path):
-            return str(value)
-    raise InvalidArgument(f"{name}: expected {_type_name(hint)}, got {value!r}")
-
-
-def field_docs() -> list[tuple[str, str, str, str]]:
-    """(name, type, default, help) of every field, for the CLI and the docs."""
-    hints = _hints()
-    rows = []
-    for f in fields(TrainConfig):
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        shown = ",".join(default) if isinstance(default, list) else default
-        shown = "-" if shown is None else str(shown)
-        rows.append((f.name, _type_name(hints[f.name]), shown, f.metadata["help"]))
-    return rows
+def default_text(info: FieldInfo) -> str:
+    default = info.get_default(call_default_factory=True)
+    shown = ",".join(default) if isinstance(default, list) else default
+    return "-" if shown is None else str(shown)
 
 
 def markdown_table() -> str:
-    """The settings table of docs/training.md; a test keeps the two equal."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for name, type_name, default, help_text in field_docs():
-        escaped = type_name.replace("|", "\\|")  # a bare | would split the table cell
-        lines.append(f"| `{name}` | {escaped} | `{default}` | {help_text} |")
-    return "\n".join(lines)
+    """The settings tables of docs/training.md, one per section; a test keeps the two equal."""
+    parts = []
+    for title, section in SECTIONS:
+        lines = [f"**{section.__name__}** ({title}). {section.__doc__}", ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, info in section.model_fields.items():
+            escaped = type_name(info.annotation).replace("|", "\\|")  # a bare | would split the cell
+            lines.append(f"| `{name}` | {escaped} | `{default_text(info)}` | {info.description} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":
-    print(markdown_table())  # the table for docs/training.md
+    print(markdown_table())  # the tables for docs/training.md

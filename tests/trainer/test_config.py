@@ -1,4 +1,4 @@
-"""TrainConfig: YAML, overrides, errors that name the key, the docs table, the CLI's error line."""
+"""TrainConfig: YAML, overrides, errors that name the key, the docs tables, the CLI's error line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cai.errors import InvalidArgument, NotFound
-from trainer.config import TrainConfig, markdown_table
+from trainer.config import SECTIONS, TrainConfig, markdown_table
 
 DOCS = Path(__file__).parents[2] / "docs" / "training.md"
 
@@ -35,6 +35,9 @@ def test_yaml_and_overrides(write_yaml):
         ("lora_dropout: 1.5\n", "lora_dropout: must be in [0, 1)"),
         ("max_steps: 2.5\n", "max_steps: expected int | null, got 2.5"),
         ("source: s3\n", "source: expected 'file' | 'kafka' | 'memory', got 's3'"),
+        ("learning_rate: 1e-4\n", "learning_rate: expected float, got '1e-4'"),  # a string to YAML
+        ("max_staleness: -1\n", "max_staleness: must not be negative, got -1"),
+        ("beta: 0\n", "beta: must be positive, got 0"),
         ("- a list\n", "expected a mapping"),
     ],
 )
@@ -53,8 +56,22 @@ def test_missing_data(tmp_path):
         TrainConfig(mode="sft", data=str(tmp_path)).check_ready()
 
 
-def test_docs_table_matches_the_dataclass():
-    assert markdown_table() in DOCS.read_text(), "regenerate the table: python -m trainer.config"
+def test_docs_tables_match_the_models():
+    assert markdown_table() in DOCS.read_text(), "regenerate the tables: python -m trainer.config"
+
+
+def test_the_sections_hold_every_setting_once():
+    names = [name for _, section in SECTIONS for name in section.model_fields]
+    assert names == list(TrainConfig.model_fields)
+    assert TrainConfig(beta=0.5, publish_every=3).to_dict()["beta"] == 0.5  # flat keys
+
+
+def test_python_callers_get_the_same_errors():
+    with pytest.raises(InvalidArgument, match=r"^micro_batch_size: must be at least 1, got 0$"):
+        TrainConfig(micro_batch_size=0)
+    with pytest.raises(InvalidArgument, match=r"^unknown key 'bta' \(did you mean 'beta'\?\)$"):
+        TrainConfig(bta=0.2)
+    assert TrainConfig(data=Path("runs/x")).data == "runs/x"
 
 
 def test_cli_reports_a_bad_key_in_one_line(write_yaml, tmp_path):
