@@ -34,10 +34,11 @@ model: install  ## prepare the default model (SmolLM2-135M-Instruct) in $CAI_HOM
 up: model  ## run the main job: `cai up` on the default model (extra flags: make up ARGS="--limit 8")
 	$(BIN)/cai up $(ARGS)
 
-lint: install protos-check  ## buf lint, stubs up to date, ruff lint and format check, mypy
+lint: install protos-check  ## buf lint, stubs up to date, ruff lint and format check, mypy, import contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 $(BUF):
 	GOBIN=$(TOOLS) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)

@@ -397,20 +397,28 @@ def rollout_of(prompt: Prompt, completions: list[Completion], model_id: str) -> 
     return Rollout(meta, prompt, tuple(c.text.strip() or "(empty response)" for c in completions))
 
 
+def _derived(
+    kind: str, source: Rollout | Revision, constitution: Constitution, principle_ids: list[str], model_id: str
+) -> Meta:
+    """The metadata of a record made from `source` under `constitution` by the model `model_id`:
+    its id derives from the source's, so a replayed source gives the same id."""
+    return Meta(
+        sample_id(kind, source.meta.sample_id, constitution.hash),
+        source.prompt.id,
+        source.prompt.seed,
+        source.meta.policy_version,
+        constitution.id,
+        constitution.hash,
+        tuple(principle_ids),
+        (*source.meta.model_ids, model_id),
+    )
+
+
 def revision_of(
     rollout: Rollout, chain: CritiqueChain, constitution: Constitution, model_id: str
 ) -> Revision:
     """The critique/revision chain of the rollout's first answer, made by the critic `model_id`."""
-    meta = Meta(
-        sample_id("revision", rollout.meta.sample_id, constitution.hash),
-        rollout.prompt.id,
-        rollout.prompt.seed,
-        rollout.meta.policy_version,
-        constitution.id,
-        constitution.hash,
-        tuple(chain.principle_ids),
-        (*rollout.meta.model_ids, model_id),
-    )
+    meta = _derived("revision", rollout, constitution, chain.principle_ids, model_id)
     return Revision(meta, rollout.prompt, chain)
 
 
@@ -431,16 +439,7 @@ def preference_of(
     """The judged pair of `source` (see `pair_of`), labelled by the judge `model_id`."""
     a, b = pair_of(source)
     revision = isinstance(source, Revision)
-    meta = Meta(
-        sample_id("preference", source.meta.sample_id, constitution.hash),
-        source.prompt.id,
-        source.prompt.seed,
-        source.meta.policy_version,
-        constitution.id,
-        constitution.hash,
-        tuple(judgment.principle_ids),
-        (*source.meta.model_ids, model_id),
-    )
+    meta = _derived("preference", source, constitution, judgment.principle_ids, model_id)
     chain_ids = source.meta.principle_ids if revision else ()
     return Preference(meta, source.prompt, a, b, judgment, revision, chain_ids)
 

@@ -85,3 +85,15 @@ def critique_flags(command: Callable[..., Any]) -> Callable[..., Any]:
         return command(*args, critique_options=CritiqueOptions(rounds), **kwargs)
 
     return with_critique
+
+
+device_option = click.option(
+    "--device", default=None, help="torch device (default: cuda if present, else cpu)."
+)
+dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32.",
+)

@@ -12,7 +12,7 @@ import click
 
 from cai.engine import RESPONSE_PARAMS, JudgeOptions
 from cai.errors import CAIError, InvalidArgument, NotFound
-from cli.common import judge_flags
+from cli.common import device_option, dtype_option, judge_flags
 
 SERVICE = "policy:"  # a running policy service, e.g. policy:127.0.0.1:50051
 
@@ -121,13 +121,8 @@ def _check_adapter(path: str, flag: str) -> Path:
     show_default=True,
     help="JSON report to write.",
 )
-@click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="auto",
-    show_default=True,
-)
+@device_option
+@dtype_option
 @judge_flags
 def eval_command(
     policy: str,

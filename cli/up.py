@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cai.engine import CritiqueOptions, JudgeOptions
 from cai.errors import InvalidArgument
-from cli.common import console, critique_flags, judge_flags, quiet_transformers
+from cli.common import console, critique_flags, device_option, dtype_option, judge_flags, quiet_transformers
 
 
 @click.command()
@@ -56,14 +56,8 @@ from cli.common import console, critique_flags, judge_flags, quiet_transformers
     show_default=True,
     help="Length limit of the initial answers.",
 )
-@click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="auto",
-    show_default=True,
-    help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32.",
-)
+@device_option
+@dtype_option
 @click.option(
     "--services",
     is_flag=True,
