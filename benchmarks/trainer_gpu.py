@@ -62,7 +62,7 @@ def run(
     model: str, data: Path, out: Path, lora: bool, steps: int, micro_batch: int, dtype: str
 ) -> dict[str, Any]:
     from trainer.config import TrainConfig
-    from trainer.train import Trainer
+    from trainer.io import build_trainer
 
     config = TrainConfig(
         model=model,
@@ -78,7 +78,7 @@ def run(
         dtype=dtype,
     )
     torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(config)
+    trainer = build_trainer(config)
     times: list[float] = []
     last = time.perf_counter()
 

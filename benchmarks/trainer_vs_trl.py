@@ -220,7 +220,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from trainer.data import FileSource, load_samples
-    from trainer.train import Trainer
+    from trainer.io import build_trainer
 
     total = args.warmup + args.steps
     times: dict[str, list[float]] = {"ours": [], "TRL": []}
@@ -241,7 +241,7 @@ def main() -> None:
                 clock = StepClock(args.device)
                 out = root / f"{side}-{round_}"
                 if side == "ours":
-                    trainer = Trainer(train_config(model, data, out, total, args))
+                    trainer = build_trainer(train_config(model, data, out, total, args))
                 else:
                     trainer = trl_trainer(config, pairs, out, clock)  # TRL tokenizes here, untimed
                     tokens = tokens or token_counts(config, pairs, trainer)

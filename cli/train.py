@@ -83,12 +83,12 @@ def train(config_file: Path | None, **flags: Any) -> None:
     logger.addHandler(_WarningLines(level=logging.WARNING))
     logger.setLevel(logging.WARNING)
 
-    from trainer.train import Trainer
+    from trainer.io import build_trainer
 
     with console.status(f"loading {config.model}"):
-        trainer = Trainer(config)
+        trainer = build_trainer(config)
     if config.source == "file":
-        where = f"{config.data_file} ({len(trainer.samples)} samples)"
+        where = f"{config.data_file} ({trainer.source.size} samples)"
     else:
         where = f"{config.topic} on {config.kafka}"
     steps = "until stopped" if trainer.total_steps is None else f"{trainer.total_steps} steps"

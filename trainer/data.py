@@ -1,8 +1,10 @@
 """Training samples: reading a `cai up` run folder, the sample source, tokenizing and batching.
 
-Samples come from a run folder (`FileSource`), a Kafka topic (`KafkaSource`: the revisions or
-preferences records of the stream stages) or a queue in this process (`MemorySource`, fed by
-`cai up --train-steps`).
+A sample is the core record model's `cai.records.TrainingSample`. Samples come from a run folder
+(`FileSource`, rows read by `TrainingSample.of_row`), a Kafka topic (`KafkaSource`: the revision
+or preference records of the stream stages, read by `TrainingSample.of`) or a queue in this
+process (`MemorySource`, fed by `cai up --train-steps`). The entry points build the source from
+the config (trainer/io.py) and hand it to the trainer.
 
 `sft.jsonl` and `preferences.jsonl` hold TRL's conversational formats (see cai/pipeline.py):
 `prompt` is a chat (a list of messages) and `completion`, `chosen` and `rejected` are the
@@ -21,57 +23,21 @@ from typing import Any, Protocol
 import torch
 
 from cai.backends.base import plain_chat
+from cai.constitution import Conversation
 from cai.errors import InvalidArgument
 from cai.jsonl import read_objects
+from cai.records import Mode, TrainingSample
 from trainer.loss import IGNORE
 
-Conversation = list[dict[str, str]]
 
-
-@dataclass(frozen=True)
-class Sample:
-    sample_id: str
-    where: str  # file:line, for errors and audit
-    prompt: Conversation
-    completions: tuple[Conversation, ...]  # sft: (completion,); dpo: (chosen, rejected)
-    p_chosen: float  # the judge's soft label; 1.0 for sft, where it is unused
-    policy_version: str = "base"  # the policy that generated the completions (staleness)
-
-
-def _messages(value: Any, key: str, where: str, assistant: bool) -> Conversation:
-    if not isinstance(value, list) or not value:
-        raise InvalidArgument(f"{where}: {key}: expected a non-empty list of chat messages")
-    for i, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise InvalidArgument(f"{where}: {key}[{i}]: expected {{'role': str, 'content': str}}")
-        if assistant and m["role"] != "assistant":
-            raise InvalidArgument(f"{where}: {key}[{i}].role: expected 'assistant', got {m['role']!r}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def load_samples(path: Path, mode: str) -> list[Sample]:
+def load_samples(path: Path, mode: Mode) -> list[TrainingSample]:
     """Every record of a run folder's JSONL file; a bad line stops with its file:line."""
-    samples = [sample_of_row(row, mode, f"{path}:{number}") for number, row in read_objects(path, "data")]
+    samples = [
+        TrainingSample.of_row(row, mode, f"{path}:{number}") for number, row in read_objects(path, "data")
+    ]
     if not samples:
         raise InvalidArgument(f"data: {path} holds no samples")
     return samples
-
-
-def sample_of_row(row: dict[str, Any], mode: str, where: str) -> Sample:
-    """A sample from a record of sft.jsonl (mode sft) or preferences.jsonl (dpo, online-dpo)."""
-    keys = ("completion",) if mode == "sft" else ("chosen", "rejected")
-    sample_id = row.get("sample_id")
-    if not isinstance(sample_id, str) or not sample_id:
-        raise InvalidArgument(f"{where}: sample_id: must be a non-empty string")
-    prompt = _messages(row.get("prompt"), "prompt", where, assistant=False)
-    completions = tuple(_messages(row.get(k), k, where, assistant=True) for k in keys)
-    p = row.get("p_chosen", 1.0) if mode != "sft" else 1.0
-    if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1:
-        raise InvalidArgument(f"{where}: p_chosen: must be a number in [0, 1], got {p!r}")
-    version = row.get("policy_version") or "base"
-    if not isinstance(version, str):
-        raise InvalidArgument(f"{where}: policy_version: must be a string, got {version!r}")
-    return Sample(sample_id, where, prompt, completions, float(p), version)
 
 
 class Source(Protocol):
@@ -81,7 +47,12 @@ class Source(Protocol):
 
     epoch: int  # the de-duplication set is per epoch; a stream stays in epoch 0
 
-    def next(self) -> Sample | None:
+    @property
+    def size(self) -> int | None:
+        """Samples per epoch; None for a stream, which has no end."""
+        ...
+
+    def next(self) -> TrainingSample | None:
         """The next sample, or None when the source is exhausted."""
         ...
 
@@ -99,8 +70,9 @@ class Source(Protocol):
 class FileSource:
     """A run folder's samples in a seeded shuffled order, one fresh order per epoch."""
 
-    def __init__(self, samples: list[Sample], seed: int, epochs: int | None):
+    def __init__(self, samples: list[TrainingSample], seed: int, epochs: int | None):
         self.samples = samples
+        self.size = len(samples)
         self.seed = seed
         self.epochs = epochs  # None: cycle until the trainer stops (max_steps)
         self.epoch = 0
@@ -114,7 +86,7 @@ class FileSource:
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
         return order
 
-    def next(self) -> Sample | None:
+    def next(self) -> TrainingSample | None:
         if self.index == len(self._order):
             if self.epochs is not None and self.epoch + 1 >= self.epochs:
                 return None

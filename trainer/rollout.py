@@ -48,6 +48,8 @@ from cai.errors import CAIError, InvalidArgument, NotFound, PermissionDenied, Un
 if TYPE_CHECKING:
     from kubernetes.client import Configuration
 
+    from cai.policy_versions import PolicyVersion
+
 log = logging.getLogger("cai.trainer")
 
 SETTING = "rollout_deployment"
@@ -153,6 +155,13 @@ class DeploymentRollout:
         self.timeout_s = timeout_s
         self.configuration = configuration if configuration is not None else load_configuration()
         self.last: RolloutResult | None = None  # what the API server answered to the latest roll
+
+    def publish(self, version: PolicyVersion) -> None:
+        """As the trainer's publisher (trainer/io.py): roll the Deployment to `version`."""
+        self.roll(version.version, version.uri, version.sha256, version.step)
+
+    def close(self) -> None:
+        """Nothing to release: every roll is a request of its own."""
 
     def roll(self, version: str, uri: str, sha256: str, step: int) -> None:
         """Patch the annotations of `version`; Kubernetes then replaces the pods one by one.

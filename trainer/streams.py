@@ -20,35 +20,17 @@ from typing import Any
 from cai.errors import CAIError, InvalidArgument, Unavailable
 from cai.kafka import records
 from cai.kafka.topics import dlq, kafka_failure
+from cai.records import Preference, Revision, TrainingSample
 from cai.v1 import records_pb2
-from trainer.data import Sample
 
 log = logging.getLogger("cai.trainer")
 
 POLL_S = 0.2  # how often a waiting source looks at its stop condition
 
 
-def sample_of(message: records_pb2.RevisionRecord | records_pb2.PreferenceRecord, where: str) -> Sample:
-    """A revision record is an sft sample (prompt -> final); a preference record a dpo pair."""
-    from services.convert import conversation
-
-    meta = message.metadata
-    if not meta.sample_id:
-        raise InvalidArgument("metadata.sample_id: must not be empty")
-    prompt = conversation(message.prompt.conversation, "prompt.conversation")
-    version = meta.policy_version or "base"
-    if isinstance(message, records_pb2.RevisionRecord):
-        completion = [{"role": "assistant", "content": message.final}]
-        return Sample(meta.sample_id, where, prompt, (completion,), 1.0, version)
-    if not 0 <= message.p_chosen <= 1:
-        raise InvalidArgument(f"p_chosen: must be in [0, 1], got {message.p_chosen}")
-    chosen = [{"role": "assistant", "content": message.chosen}]
-    rejected = [{"role": "assistant", "content": message.rejected}]
-    return Sample(meta.sample_id, where, prompt, (chosen, rejected), message.p_chosen, version)
-
-
 class KafkaSource:
     epoch = 0  # a stream has no epochs
+    size: int | None = None  # nor an end
 
     def __init__(
         self,
@@ -99,7 +81,7 @@ class KafkaSource:
         )
         self._assigned = True
 
-    def next(self) -> Sample | None:
+    def next(self) -> TrainingSample | None:
         if not self._assigned:
             self._assign()
         idle_since = time.monotonic()
@@ -113,9 +95,15 @@ class KafkaSource:
                 log.warning("kafka: %s", message.error())
                 continue
             where = f"{message.topic()}[{message.partition()}]@{message.offset()}"
+            # A revision record is an sft sample (prompt -> final); a preference record a dpo pair.
+            value, headers = message.value(), message.headers()
+            record: Revision | Preference
             try:
-                decoded = records.decode(self.record_type, message.value(), message.headers())
-                sample = sample_of(decoded, where)
+                if self.record_type is records_pb2.RevisionRecord:
+                    record = Revision.of_proto(records.decode(records_pb2.RevisionRecord, value, headers))
+                else:
+                    record = Preference.of_proto(records.decode(records_pb2.PreferenceRecord, value, headers))
+                sample: TrainingSample | None = TrainingSample.of(record, where)
             except CAIError as exc:
                 self._dead_letter(message, exc)
                 sample = None
@@ -177,14 +165,15 @@ class MemorySource:
     kept across a restart, so a run on it cannot resume."""
 
     epoch = 0
+    size: int | None = None
 
-    def __init__(self, samples: queue.Queue[Sample | None], should_stop: Callable[[], bool]):
+    def __init__(self, samples: queue.Queue[TrainingSample | None], should_stop: Callable[[], bool]):
         self.queue = samples
         self.should_stop = should_stop
         self.taken = 0
         self.ended = False
 
-    def next(self) -> Sample | None:
+    def next(self) -> TrainingSample | None:
         while not self.ended and not self.should_stop():
             try:
                 sample = self.queue.get(timeout=POLL_S)

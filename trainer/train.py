@@ -17,21 +17,21 @@ import os
 import random
 import shutil
 import signal
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from cai.errors import InvalidArgument
-from cai.policy_versions import PolicyServer, PolicyVersion, pack_adapter, version_index, version_name
+from cai.policy_versions import PolicyVersion, pack_adapter, version_index, version_name
+from cai.records import TrainingSample
 from trainer.checkpoint import latest_valid, prune, rng_state, set_rng_state, write_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import Encoded, FileSource, Sample, Source, collate, encode, load_samples
+from trainer.data import Encoded, Source, collate, encode
 from trainer.loss import DPOOutput, sequence_logps, soft_dpo_loss
 
 log = logging.getLogger("cai.trainer")
@@ -81,48 +81,56 @@ def lr_factor(config: TrainConfig, total_steps: int | None) -> Callable[[int], f
     return factor
 
 
-class Trainer:
-    """Builds the model, optimizer and source from a `TrainConfig`, resuming from the newest
-    complete checkpoint in `output_dir` when there is one.
+class Publisher(Protocol):
+    """Told of every policy version the trainer publishes (online-dpo), in the trainer's thread,
+    after the archive is written; the next step waits for it. trainer/io.py builds the ones a
+    config names: the policy-versions topic, the Deployment rollout, the archives' HTTP server."""
 
-    `source` is required for the memory source (the queue its caller fills); `on_publish` is
-    called with every published policy version, after the Kafka record and the rollout."""
+    def publish(self, version: PolicyVersion) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def file_uri(archive: Path) -> str:
+    return archive.resolve().as_uri()
+
+
+class Trainer:
+    """Builds the model and optimizer from a `TrainConfig` and trains on `source`, resuming from
+    the newest complete checkpoint in `output_dir` when there is one (the source's position is in
+    it). In online-dpo, every `publish_every` steps the adapter is packed into an archive, which
+    services fetch at `archive_uri(path)` (default: its file:// uri), and each of `publishers` is
+    told of the new version.
+
+    The trainer owns `source` and `publishers` from here on: `close()` closes them, and so does a
+    constructor that fails. trainer/io.py builds them from the config for the entry points."""
 
     def __init__(
         self,
         config: TrainConfig,
-        source: Source | None = None,
-        on_publish: Callable[[PolicyVersion], None] | None = None,
+        source: Source,
+        publishers: Sequence[Publisher] = (),
+        archive_uri: Callable[[Path], str] = file_uri,
     ):
-        config.check_ready()
         self.config = config
+        self.source = source
+        self.publishers = list(publishers)
+        self.archive_uri = archive_uri
+        self._closed = False
+        self.stop_requested = False  # the sources' should_stop: set by request_stop and SIGTERM
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        config = self.config
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.stop_requested = False
-        self.samples: list[Sample] = []
         self.total_steps: int | None = config.max_steps
-        if config.source == "file":
-            self.samples = load_samples(config.data_file, config.mode)
-            # With max_steps the data cycles (new order per epoch) until the steps are done.
-            source = FileSource(self.samples, config.seed, None if config.max_steps else config.epochs)
-            self.total_steps = config.max_steps or math.ceil(
-                len(self.samples) * config.epochs / config.samples_per_step
-            )
-        elif config.source == "kafka":
-            from cai.kafka.admin import stage_group
-            from trainer.streams import KafkaSource
-
-            assert config.kafka is not None
-            source = KafkaSource(
-                config.kafka,
-                config.topic,
-                stage_group("trainer", config.kafka_prefix),
-                config.stream_idle_timeout_s,
-                lambda: self.stop_requested,
-            )
-        elif source is None:
-            raise InvalidArgument("source: 'memory' is fed by the process that runs the trainer (cai up)")
-        self.source: Source = source
+        if config.max_steps is None and self.source.size is not None:
+            self.total_steps = math.ceil(self.source.size * config.epochs / config.samples_per_step)
         self._source_state = self.source.state()  # where the last whole step's samples end
         self.step = 0
         self.trained_ids: set[str] = set()  # de-duplication: ids trained in the current epoch
@@ -135,34 +143,6 @@ class Trainer:
         self.resumed_from: int | None = None
         if (folder := latest_valid(self.out)) is not None:
             self._resume(folder)
-        self._publishers = self._make_publishers(on_publish)
-
-    def _make_publishers(
-        self, on_publish: Callable[[PolicyVersion], None] | None
-    ) -> list[Callable[[PolicyVersion], None]]:
-        c = self.config
-        self.policy_server: PolicyServer | None = None
-        if c.mode != "online-dpo":
-            return []
-        publishers: list[Callable[[PolicyVersion], None]] = []
-        if c.serve_policies_port is not None:
-            self.policy_server = PolicyServer(self.out / "policies", c.serve_policies_port)
-        if c.kafka:
-            from cai.policy_versions import KafkaPublisher
-
-            publishers.append(KafkaPublisher(c.kafka, c.kafka_prefix + "policy-versions").publish)
-        if c.rollout_deployment:
-            from trainer.rollout import DeploymentRollout
-
-            rollout = DeploymentRollout(c.rollout_deployment)
-
-            def roll(v: PolicyVersion) -> None:
-                rollout.roll(v.version, v.uri, v.sha256, v.step)
-
-            publishers.append(roll)
-        if on_publish is not None:
-            publishers.append(on_publish)
-        return publishers
 
     @property
     def policy_version(self) -> str:
@@ -170,9 +150,19 @@ class Trainer:
         return version_name(self.step // self.config.publish_every if self.config.mode == "online-dpo" else 0)
 
     def close(self) -> None:
-        self.source.close()
-        if self.policy_server is not None:
-            self.policy_server.close()
+        """Close the source and the publishers, once, all of them even if one fails."""
+        if self._closed:
+            return
+        self._closed = True
+        closing: list[Source | Publisher] = [self.source, *self.publishers]
+        errors = []
+        for item in closing:
+            try:
+                item.close()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     # ---- setup --------------------------------------------------------------------------
 
@@ -263,7 +253,7 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------
 
-    def _staleness(self, sample: Sample) -> int:
+    def _staleness(self, sample: TrainingSample) -> int:
         """How many versions older than the newest published one the sample's policy is."""
         index = version_index(sample.policy_version)
         if index is None:
@@ -275,11 +265,11 @@ class Trainer:
         current = version_index(self.policy_version) or 0
         return max(0, current - index)
 
-    def _take(self) -> tuple[list[Sample], int]:
+    def _take(self) -> tuple[list[TrainingSample], int]:
         """The next step's samples, skipping ids already trained in this epoch, and the number
         of samples dropped for being of a policy more than `max_staleness` versions old. Nothing
         is recorded as trained yet: a step cut short by a stop is not trained."""
-        taken: list[Sample] = []
+        taken: list[TrainingSample] = []
         ids: set[str] = set()
         stale = 0
         limit = self.config.max_staleness
@@ -301,7 +291,7 @@ class Trainer:
             taken.append(sample)
         return taken, stale
 
-    def _encode(self, sample: Sample) -> list[Encoded]:
+    def _encode(self, sample: TrainingSample) -> list[Encoded]:
         max_length = self.config.max_length
         encoded = [encode(self.tokenizer, sample.prompt, c, max_length) for c in sample.completions]
         self.truncated += sum(e.truncated for e in encoded)
@@ -331,7 +321,7 @@ class Trainer:
             with self.model.disable_adapter():
                 return self._logps(self.model, items)[0]
 
-    def _optimizer_step(self, samples: list[Sample]) -> dict[str, Any]:
+    def _optimizer_step(self, samples: list[TrainingSample]) -> dict[str, Any]:
         c = self.config
         started = time.perf_counter()
         encoded = [self._encode(s) for s in samples]
@@ -433,15 +423,10 @@ class Trainer:
         """Pack the adapter as the next policy version and announce it to every publisher."""
         version = self.policy_version
         path, sha256 = pack_adapter(self.model, self.out / "policies", version)
-        if self.policy_server is not None:
-            host = self.config.policy_url_host or socket.getfqdn()
-            uri = f"http://{host}:{self.policy_server.port}/{path.name}"
-        else:
-            uri = path.resolve().as_uri()
         numbers = {k: float(v) for k, v in metrics.items() if k in ("loss", "margin", "accuracy", "kl")}
-        published = PolicyVersion(version, uri, sha256, self.step, numbers)
-        for publish in self._publishers:
-            publish(published)
+        published = PolicyVersion(version, self.archive_uri(path), sha256, self.step, numbers)
+        for publisher in self.publishers:
+            publisher.publish(published)
         # Services may still be fetching the previous archives: keep a few.
         archives = (self.out / "policies").glob("v*.tar")
         for old in sorted(archives, key=lambda p: version_index(p.stem) or 0)[:-3]:
@@ -525,7 +510,7 @@ class Trainer:
         )
 
 
-def evaluate_loss(trainer: Trainer, samples: list[Sample]) -> float:
+def evaluate_loss(trainer: Trainer, samples: list[TrainingSample]) -> float:
     """The mean training loss over `samples` without changing anything (dpo: per pair; sft: per
     token). Used by the tests to see that training lowers the loss on its data."""
     c = trainer.config

@@ -49,6 +49,7 @@ def preference(i: int, version: str = "base") -> records_pb2.PreferenceRecord:
         chosen=f"Answer {i}.",
         rejected="No.",
         p_chosen=0.75,
+        p_a=0.75,  # the judge's p(first better): the chosen answer was first
     )
 
 

@@ -10,17 +10,31 @@ import pytest
 
 from cai.errors import InvalidArgument
 from cai.policy_versions import PolicyVersion, fetch_adapter, version_index
+from cai.records import TrainingSample
 from trainer.config import TrainConfig
-from trainer.data import Sample
 from trainer.streams import MemorySource
 from trainer.train import Trainer
 
 
-def sample(i: int, version: str) -> Sample:
+def sample(i: int, version: str) -> TrainingSample:
     prompt = [{"role": "user", "content": f"Question {i}?"}]
     chosen = [{"role": "assistant", "content": f"Answer {i}."}]
     rejected = [{"role": "assistant", "content": "No."}]
-    return Sample(f"s{i}", f"test:{i}", prompt, (chosen, rejected), 0.8, version)
+    return TrainingSample(f"s{i}", f"test:{i}", prompt, (chosen, rejected), 0.8, version)
+
+
+class Recorder:
+    """A publisher that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.published: list[PolicyVersion] = []
+        self.closed = False
+
+    def publish(self, version: PolicyVersion) -> None:
+        self.published.append(version)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def online_config(model: str, out: Path, **overrides) -> TrainConfig:
@@ -44,7 +58,7 @@ def online_config(model: str, out: Path, **overrides) -> TrainConfig:
 def test_stale_samples_are_dropped_and_each_step_publishes_a_version(tiny_model, tmp_path):
     # publish_every 1: after step k the newest version is v<k>, and max_staleness 0 keeps only
     # samples of exactly that version.
-    feed: queue.Queue[Sample | None] = queue.Queue()
+    feed: queue.Queue[TrainingSample | None] = queue.Queue()
     plan = [
         (0, "base"), (1, "base"),  # step 1 (current: base)
         (2, "base"), (3, "v1"), (4, "v1"),  # step 2 (current: v1): s2 is one version old
@@ -54,15 +68,17 @@ def test_stale_samples_are_dropped_and_each_step_publishes_a_version(tiny_model,
     for i, version in plan:
         feed.put(sample(i, version))
     feed.put(None)
-    published: list[PolicyVersion] = []
+    recorder = Recorder()
     trainer = Trainer(
         online_config(tiny_model, tmp_path / "out", max_steps=5),
-        source=MemorySource(feed, lambda: trainer.stop_requested),
-        on_publish=published.append,
+        MemorySource(feed, lambda: trainer.stop_requested),
+        [recorder],
     )
     trained: list[list[str]] = []
     result = trainer.train(lambda step: trained.append(step.sample_ids))
     trainer.close()
+    assert recorder.closed
+    published = recorder.published
     # s7 claims a version newer than any published: counted as fresh. The source ends after s9.
     assert trained == [["s0", "s1"], ["s3", "s4"], ["s6", "s7"], ["s9"]]
     assert result.stale == 3 and result.steps == 4
@@ -79,13 +95,13 @@ def test_stale_samples_are_dropped_and_each_step_publishes_a_version(tiny_model,
 
 
 def test_without_a_limit_every_sample_is_trained(tiny_model, tmp_path):
-    feed: queue.Queue[Sample | None] = queue.Queue()
+    feed: queue.Queue[TrainingSample | None] = queue.Queue()
     for i, version in enumerate(["base", "base", "base", "v1"]):
         feed.put(sample(i, version))
     feed.put(None)
     trainer = Trainer(
         online_config(tiny_model, tmp_path / "out", max_steps=2, max_staleness=None, publish_every=5),
-        source=MemorySource(feed, lambda: False),
+        MemorySource(feed, lambda: False),
     )
     result = trainer.train()
     trainer.close()
@@ -119,9 +135,7 @@ def test_completion_logits_only_give_the_full_sequence_logps(tiny_model, tmp_pat
     from trainer.data import collate, encode
     from trainer.loss import sequence_logps
 
-    trainer = Trainer(
-        online_config(tiny_model, tmp_path / "out"), source=MemorySource(queue.Queue(), lambda: True)
-    )
+    trainer = Trainer(online_config(tiny_model, tmp_path / "out"), MemorySource(queue.Queue(), lambda: True))
     long = [
         {"role": "user", "content": "A much longer question, with many more words in it, than the other?"}
     ]
@@ -142,8 +156,8 @@ def test_completion_logits_only_give_the_full_sequence_logps(tiny_model, tmp_pat
 
 def test_stream_records_become_samples():
     # revisions feed sft (prompt -> final revision), preferences feed dpo; bad ones are refused
+    from cai.records import Preference, Revision
     from cai.v1 import common_pb2, records_pb2
-    from trainer.streams import sample_of
 
     prompt = records_pb2.PromptRecord(
         prompt_id="p1",
@@ -152,23 +166,25 @@ def test_stream_records_become_samples():
         ),
     )
     meta = common_pb2.SampleMetadata(sample_id="s1", policy_version="v2")
-    revision = sample_of(
-        records_pb2.RevisionRecord(metadata=meta, prompt=prompt, initial="Go.", final="Hello!"), "t@1"
+    step = records_pb2.RevisionStep(principle_id="p", critique="Rude.", revision="Hello!")
+    chain = records_pb2.RevisionRecord(
+        metadata=meta, prompt=prompt, initial="Go.", steps=[step], final="Hello!"
     )
+    revision = TrainingSample.of(Revision.of_proto(chain), "t@1")
     assert revision.prompt == [{"role": "user", "content": "Hi?"}]
     assert revision.completions == ([{"role": "assistant", "content": "Hello!"}],)
-    assert revision.policy_version == "v2"
-    pair = records_pb2.PreferenceRecord(
-        metadata=meta, prompt=prompt, chosen="A.", rejected="B.", p_chosen=0.7
-    )
-    preference = sample_of(pair, "t@2")
-    assert [c[0]["content"] for c in preference.completions] == ["A.", "B."] and preference.p_chosen == 0.7
-    with pytest.raises(InvalidArgument, match="p_chosen"):
-        sample_of(
-            records_pb2.PreferenceRecord(
-                metadata=meta, prompt=prompt, chosen="A", rejected="B", p_chosen=1.5
-            ),
-            "t@3",
+    assert revision.policy_version == "v2" and revision.where == "t@1"
+    # p_a: the judge's p(the first response is better); the chosen one is first when p_a >= 0.5
+    for p_a in (0.7, 0.3):
+        pair = records_pb2.PreferenceRecord(
+            metadata=meta, prompt=prompt, chosen="A.", rejected="B.", p_chosen=0.7, p_a=p_a
+        )
+        preference = TrainingSample.of(Preference.of_proto(pair), "t@2")
+        assert [c[0]["content"] for c in preference.completions] == ["A.", "B."]
+        assert preference.p_chosen == pytest.approx(0.7)
+    with pytest.raises(InvalidArgument, match="p_a"):
+        Preference.of_proto(
+            records_pb2.PreferenceRecord(metadata=meta, prompt=prompt, chosen="A", rejected="B", p_a=1.5)
         )
     with pytest.raises(InvalidArgument, match="sample_id"):
-        sample_of(records_pb2.RevisionRecord(prompt=prompt, final="x"), "t@4")
+        Revision.of_proto(records_pb2.RevisionRecord(prompt=prompt, initial="x", final="x"))

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.config import TrainConfig
-from trainer.train import StepResult, Trainer, evaluate_loss
+from trainer.io import build_trainer
+from trainer.train import StepResult, evaluate_loss
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +42,8 @@ def read_log(out: Path) -> list[dict]:
 
 
 def test_dpo_lowers_the_loss_and_trains_the_adapter(default_model, run_dir, tmp_path):
-    trainer = Trainer(make_config(run_dir, tmp_path / "out", mode="dpo", micro_batch_size=2))
-    samples = trainer.samples
+    trainer = build_trainer(make_config(run_dir, tmp_path / "out", mode="dpo", micro_batch_size=2))
+    samples = trainer.source.samples
     before = evaluate_loss(trainer, samples)
     assert before == pytest.approx(0.6931, abs=1e-3)  # LoRA starts as the identity: d = 0
     result = trainer.train()
@@ -64,8 +65,10 @@ def test_sft_lowers_the_loss_and_skips_a_repeated_sample(default_model, run_dir,
     data = run_dir / "sft.jsonl"
     lines = data.read_text().splitlines()
     data.write_text("\n".join([*lines, lines[1]]) + "\n")  # the same sample id twice
-    trainer = Trainer(make_config(run_dir, tmp_path / "out", mode="sft", micro_batch_size=2, max_steps=3))
-    samples = trainer.samples
+    trainer = build_trainer(
+        make_config(run_dir, tmp_path / "out", mode="sft", micro_batch_size=2, max_steps=3)
+    )
+    samples = trainer.source.samples
     before = evaluate_loss(trainer, samples)
     with caplog.at_level(logging.WARNING, logger="cai.trainer"):
         result = trainer.train()
@@ -87,7 +90,7 @@ def test_sigterm_then_resume_equals_a_straight_run(default_model, run_dir, tmp_p
         "lr_scheduler": "cosine",
     }
     straight_ids: list[list[str]] = []
-    Trainer(make_config(run_dir, tmp_path / "a", **options)).train(
+    build_trainer(make_config(run_dir, tmp_path / "a", **options)).train(
         lambda s: straight_ids.append(s.sample_ids)
     )
 
@@ -96,12 +99,12 @@ def test_sigterm_then_resume_equals_a_straight_run(default_model, run_dir, tmp_p
             os.kill(os.getpid(), signal.SIGTERM)  # as Kubernetes stops a pod
 
     config = make_config(run_dir, tmp_path / "b", **options)
-    first = Trainer(config).train(stop_after_two)
+    first = build_trainer(config).train(stop_after_two)
     assert first.stopped and first.steps == 2 and first.model_dir is None
     assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-2"]
     del first
 
-    resumed = Trainer(config)  # a fresh trainer, as a restarted process would build
+    resumed = build_trainer(config)  # a fresh trainer, as a restarted process would build
     assert resumed.resumed_from == 2
     result = resumed.train()
     assert result.steps == 4 and result.samples == 4
@@ -121,7 +124,7 @@ def test_sigterm_then_resume_equals_a_straight_run(default_model, run_dir, tmp_p
     with (newest / "adapter.safetensors").open("r+b") as f:
         f.truncate(100)
     with caplog.at_level(logging.WARNING, logger="cai.trainer"):
-        fallback = Trainer(config)
+        fallback = build_trainer(config)
     assert fallback.resumed_from == 2
     assert f"skipping checkpoint {newest}: adapter.safetensors does not match its checksum" in caplog.text
     assert [row["step"] for row in read_log(tmp_path / "b")] == [1, 2]  # steps 3-4 will be redone
