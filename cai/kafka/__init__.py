@@ -1,1 +1,3 @@
-"""A single-node Apache Kafka broker (KRaft, broker and controller in one JVM) for development and tests."""
+"""The pipeline on Kafka: client settings (`client`), the services' stream stage (`stream`), the
+record codec (`records`), topics (`topics`) and operating it from outside (`admin`). The
+development broker is not part of it: `cai.devbroker`."""
