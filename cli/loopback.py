@@ -38,10 +38,7 @@ class ServiceStages:
         request = convert.parameters_proto(params)
         reply = await self.policy.generate(conversation, n=params.n, params=request)
         self.model_id = reply.model_id
-        return [
-            Completion(c.text, c.token_count, convert.FINISH_NAMES[c.finish_reason], reply.policy_version)
-            for c in reply.completions
-        ]
+        return convert.completions_of(reply)
 
     async def critique_revise(
         self, conversation: Conversation, options: CritiqueOptions, seed: int

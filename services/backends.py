@@ -63,15 +63,7 @@ class PolicyServiceBackend(Backend):
         except grpc.aio.AioRpcError as exc:
             raise _status_error(exc, self.address) from None
         self.policy_version = response.policy_version
-        return [
-            Completion(
-                c.text,
-                c.token_count,
-                convert.FINISH_NAMES.get(c.finish_reason, "stop"),
-                response.policy_version,
-            )
-            for c in response.completions
-        ]
+        return convert.completions_of(response)
 
     async def generate_stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
         request = convert.parameters_proto(params)

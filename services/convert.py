@@ -73,6 +73,13 @@ def completion_proto(c: Completion) -> policy_pb2.Completion:
     )
 
 
+def completions_of(response: policy_pb2.GenerateResponse) -> list[Completion]:
+    return [
+        Completion(c.text, c.token_count, FINISH_NAMES.get(c.finish_reason, "stop"), response.policy_version)
+        for c in response.completions
+    ]
+
+
 def check_count(field: str, values: Sequence[object], low: int, high: int) -> None:
     if not low <= len(values) <= high:
         raise InvalidArgument(f"{field}: give between {low} and {high} items, got {len(values)}")

@@ -135,23 +135,22 @@ def settings(name: str, bootstrap: str, prefix: str, **extra: Any):
 @contextlib.asynccontextmanager
 async def stages(
     bootstrap: str, prefix: str, names: tuple[str, ...], **extra: Any
-) -> AsyncIterator[list[Any]]:
+) -> AsyncIterator[list[tuple[Any, Any]]]:
     """Services with their stream stages running in this process until the block ends."""
     stopping = asyncio.Event()
-    running, tasks, streams = [], [], []
+    running, tasks = [], []
     for name in names:
         s = settings(name, bootstrap, prefix, **extra)
         service = await start_service(name, s, FakeBackend(delay_s=0.01))  # type: ignore[arg-type]
         stream = service.stream(s)
-        running.append(service)
-        streams.append(stream)
+        running.append((service, stream))
         tasks.append(asyncio.ensure_future(stream.run(stopping)))
     try:
-        yield streams
+        yield running
     finally:
         stopping.set()
         await asyncio.gather(*tasks)
-        for service in running:
+        for service, _ in running:
             await service.stop(0)
 
 
@@ -165,15 +164,15 @@ def prefix(kafka_broker) -> str:
 async def test_prompts_flow_to_rollouts_revisions_and_preferences(kafka_broker, prefix):
     bootstrap = kafka_broker.bootstrap
     push_prompts(bootstrap, prefix, [prompt(i) for i in range(12)])
-    async with stages(bootstrap, prefix, ("policy", "critique", "judge")) as streams:
+    async with stages(bootstrap, prefix, ("policy", "critique", "judge")) as services:
         rollouts = await wait_for(bootstrap, prefix + "rollouts", records_pb2.RolloutRecord, 12)
         revisions = await wait_for(bootstrap, prefix + "revisions", records_pb2.RevisionRecord, 12)
         preferences = await wait_for(bootstrap, prefix + "preferences", records_pb2.PreferenceRecord, 12)
         await asyncio.sleep(1.5)  # the stages report their lag at each commit
-        metrics = [await asyncio.to_thread(scrape, stream.metrics.port) for stream in streams]
-    for stream, text in zip(streams, metrics, strict=True):
+        metrics = [await asyncio.to_thread(scrape, service.metrics_port) for service, _ in services]
+    for (service, _), text in zip(services, metrics, strict=True):
         # What `cai pipeline status` shows, on each stage's Prometheus port.
-        processed = f'cai_stream_records_total{{outcome="processed",stage="{stream.stage}"}} 12.0'
+        processed = f'cai_stream_records_total{{outcome="processed",stage="{service.name}"}} 12.0'
         assert processed in text, text
         lags = [line for line in text.splitlines() if line.startswith("cai_stream_lag{")]
         assert lags and all(line.endswith(" 0.0") for line in lags), lags
@@ -278,7 +277,7 @@ async def test_a_stage_killed_mid_run_loses_nothing_after_restart(kafka_broker, 
 async def test_a_broker_restart_mid_run_loses_nothing(kafka_broker, prefix):
     bootstrap = kafka_broker.bootstrap
     push_prompts(bootstrap, prefix, [prompt(i) for i in range(30)])
-    async with stages(bootstrap, prefix, ("policy",)) as [stream]:
+    async with stages(bootstrap, prefix, ("policy",)) as [(_, stream)]:
         for _ in range(200):
             if stream.counts["processed"] >= 3:
                 break
@@ -297,5 +296,5 @@ async def test_two_replicas_in_one_group_split_the_partitions(kafka_broker, pref
         push_prompts(bootstrap, prefix, [prompt(i) for i in range(30)])
         rollouts = await wait_for(bootstrap, prefix + "rollouts", records_pb2.RolloutRecord, 30)
     assert {r.prompt.prompt_id for r in rollouts} == {f"p{i:03d}" for i in range(30)}
-    assert all(r.counts["processed"] > 0 for r in replicas)  # both got partitions
-    assert sum(r.counts["processed"] for r in replicas) >= 30
+    assert all(stream.counts["processed"] > 0 for _, stream in replicas)  # both got partitions
+    assert sum(stream.counts["processed"] for _, stream in replicas) >= 30
