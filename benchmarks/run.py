@@ -74,7 +74,7 @@ async def timed(make: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
 
 async def bench_batching(backend: TransformersBackend, requests: int, max_new_tokens: int) -> None:
     prompts = [
-        await backend.render([{"role": "user", "content": r.prompt}])
+        await backend.render([{"role": "user", "content": r.text}])
         for r in load_prompts(None)
         if r.category == "benign"
     ][:requests]
@@ -87,7 +87,7 @@ async def bench_batching(backend: TransformersBackend, requests: int, max_new_to
     async def concurrent() -> list[Any]:
         return list(await asyncio.gather(*(backend.generate(p, params) for p in prompts)))
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, run in (("sequential", one_by_one), ("concurrent (dynamic batching)", concurrent)):
         seconds, results = await timed(run)
         tokens = sum(c.tokens for r in results for c in r)
@@ -110,22 +110,24 @@ async def bench_batching(backend: TransformersBackend, requests: int, max_new_to
 # ---- judging ------------------------------------------------------------------------------
 
 
-async def bench_judging(backend: TransformersBackend, pairs: int) -> None:
+async def bench_judging(
+    backend: TransformersBackend, pairs: int, answer_tokens: int = 48, rationale_tokens: int = 64
+) -> None:
     """Labels per second on the same pairs: log-prob scoring vs two generating judges."""
     cons = constitution.load("default")
     engine = CAIEngine(backend, cons)
     records = load_prompts(None)[:pairs]
+    # Rendered first: an `await` inside the generator below would make it an async generator,
+    # which gather cannot unpack.
+    rendered = [await backend.render([{"role": "user", "content": r.text}]) for r in records]
     responses = await asyncio.gather(
         *(
-            backend.generate(
-                await backend.render([{"role": "user", "content": r.prompt}]),
-                SamplingParams(max_new_tokens=48, n=2, seed=i),
-            )
-            for i, r in enumerate(records)
+            backend.generate(prompt, SamplingParams(max_new_tokens=answer_tokens, n=2, seed=i))
+            for i, prompt in enumerate(rendered)
         )
     )
     items = [
-        ([{"role": "user", "content": r.prompt}], c[0].text, c[1].text)
+        ([{"role": "user", "content": r.text}], c[0].text, c[1].text)
         for r, c in zip(records, responses, strict=True)
     ]
     question = cons.comparison_principles[0].comparison or ""
@@ -159,18 +161,19 @@ async def bench_judging(backend: TransformersBackend, pairs: int) -> None:
         async def one(conv: Any, a: str, b: str) -> Result:
             # One generation: its reasoning, then "The answer is: (X)" in the few-shot's format.
             prompt = (await base_prompt(conv, a, b)) + prompting.COT_PREFIX
-            [c] = await backend.generate(prompt, SamplingParams(max_new_tokens=64, temperature=0))
+            params = SamplingParams(max_new_tokens=rationale_tokens, temperature=0)
+            [c] = await backend.generate(prompt, params)
             found = _ANSWER.search(c.text)
             return (None if not found else 1.0 if found.group(1) == "A" else 0.0), c.tokens
 
         return list(await asyncio.gather(*(one(*it) for it in items)))
 
     await logprob_judge()  # warm up
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, run, soft in (
         ("log-prob of option tokens (ours)", logprob_judge, "yes"),
         ("generate 1 token, parse A/B", one_token_judge, "no"),
-        ("writes a rationale (<= 64 tokens), then answers", rationale_judge, "no"),
+        (f"writes a rationale (<= {rationale_tokens} tokens), then answers", rationale_judge, "no"),
     ):
         # best of two runs: the first may pay for warm-up and the machine is shared
         (seconds, results), (again, _) = await timed(run), await timed(run)
@@ -198,7 +201,7 @@ async def bench_judging(backend: TransformersBackend, pairs: int) -> None:
 
 def bench_memory(limit: int) -> None:
     """Peak RSS and wall time of `cai up --limit N`: the default dtype next to float32."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for dtype in ("auto", "float32"):
         with tempfile.TemporaryDirectory() as out:
             command = [
