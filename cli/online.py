@@ -32,8 +32,8 @@ from cai.evaluation import EvalConfig, EvalReport, evaluate
 from cai.policy_versions import PolicyVersion, fetch_adapter
 from cai.records import Prompt, TrainingSample
 from trainer.config import TrainConfig
-from trainer.streams import MemorySource
-from trainer.train import StepResult, Trainer
+from trainer.io import build_trainer
+from trainer.train import StepResult
 
 
 @dataclass
@@ -89,16 +89,20 @@ async def run_online(
     versions: list[dict[str, Any]] = []
     cache = Path(train_config.output_dir) / "served"
 
-    def serve(version: PolicyVersion) -> None:
-        """In the trainer's thread: the policy loads the new adapter before training goes on."""
-        started = time.perf_counter()
-        folder = fetch_adapter(version, cache)
-        asyncio.run_coroutine_threadsafe(policy.load_adapter(folder, version.version), loop).result()
-        seconds = time.perf_counter() - started
-        versions.append({"version": version.version, "step": version.step, "publish_to_serve_s": seconds})
+    class Serve:
+        """The trainer's last publisher: the policy loads the new adapter before training goes on."""
 
-    source = MemorySource(feed, lambda: trainer.stop_requested)
-    trainer = Trainer(train_config, source=source, on_publish=serve)
+        def publish(self, version: PolicyVersion) -> None:  # in the trainer's thread
+            started = time.perf_counter()
+            folder = fetch_adapter(version, cache)
+            asyncio.run_coroutine_threadsafe(policy.load_adapter(folder, version.version), loop).result()
+            seconds = time.perf_counter() - started
+            versions.append({"version": version.version, "step": version.step, "publish_to_serve_s": seconds})
+
+        def close(self) -> None:
+            pass
+
+    trainer = build_trainer(train_config, feed, [Serve()])
     steps: list[dict[str, Any]] = []
 
     stepped = asyncio.Event()
