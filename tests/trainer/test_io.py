@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cai.errors import InvalidArgument, NotFound
-from cai.policy_versions import PolicyVersion
+from cai.errors import InvalidArgument, NotFound, Unavailable
+from cai.records import PolicyVersion
 from trainer.config import TrainConfig
 from trainer.data import FileSource
 from trainer.io import ArchiveServer, build_publishers, build_source
@@ -80,3 +80,17 @@ def test_a_trainer_that_cannot_start_closes_what_it_was_given(tmp_path):
     with pytest.raises(NotFound):
         Trainer(config, source, [recorder])
     assert recorder.closed == 1
+
+
+def test_publishers_started_before_one_that_fails_are_closed(monkeypatch, tmp_path):
+    # the archive server starts, then the rollout finds no Kubernetes credentials
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_PORT", raising=False)
+    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "none"))
+    closed: list[ArchiveServer] = []
+    real_close = ArchiveServer.close
+    monkeypatch.setattr(ArchiveServer, "close", lambda self: (closed.append(self), real_close(self)))
+    config = online(tmp_path, serve_policies_port=0, rollout_deployment="cai/policy")
+    with pytest.raises(Unavailable, match="no Kubernetes credentials for rollout_deployment"):
+        build_publishers(config)
+    assert len(closed) == 1
