@@ -63,7 +63,8 @@ async def publish_to_serve(model: str, versions: int, device: str | None, dtype:
     from benchmarks.kafka import broker
     from cai.backends.transformers import TransformersBackend
     from cai.kafka.topics import TopicSpec, create_topics
-    from cai.policy_versions import KafkaPublisher, PolicyVersion, pack_adapter
+    from cai.policy_versions import KafkaPublisher, pack_adapter
+    from cai.records import PolicyVersion
     from cai.v1 import common_pb2, policy_pb2, policy_pb2_grpc
     from services.policy_updates import PolicyFollower
     from services.server import start_service

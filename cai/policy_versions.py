@@ -20,18 +20,16 @@ import tempfile
 import threading
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from cai.errors import InvalidArgument, Unavailable
-from cai.v1 import records_pb2
+from cai.records import BASE_VERSION, PolicyVersion
 
 log = logging.getLogger("cai.trainer")
 
-BASE_VERSION = "base"  # what a policy without a trained adapter reports
 _VERSION = re.compile(r"v(\d+)")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -46,24 +44,6 @@ def version_index(name: str) -> int | None:
         return 0
     matched = _VERSION.fullmatch(name)
     return int(matched.group(1)) if matched else None
-
-
-@dataclass
-class PolicyVersion:
-    version: str
-    uri: str
-    sha256: str
-    step: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def to_record(self) -> records_pb2.PolicyVersionRecord:
-        return records_pb2.PolicyVersionRecord(
-            version=self.version, uri=self.uri, sha256=self.sha256, step=self.step, metrics=self.metrics
-        )
-
-    @classmethod
-    def of(cls, record: records_pb2.PolicyVersionRecord) -> PolicyVersion:
-        return cls(record.version, record.uri, record.sha256, record.step, dict(record.metrics))
 
 
 def pack_adapter(model: Any, folder: Path, version: str) -> tuple[Path, str]:
@@ -139,7 +119,7 @@ class KafkaPublisher:
         """Returns once the record is acknowledged; Unavailable if it is not within 30 s."""
         from cai.kafka import records
 
-        value, headers = records.encode(version.to_record())
+        value, headers = records.encode(version.to_proto())
         self.producer.produce(self.topic, value=value, key=version.version.encode(), headers=headers)
         if self.producer.flush(30) > 0:
             raise Unavailable(f"kafka: could not publish {version.version} to {self.topic}")

@@ -29,8 +29,8 @@ from cai.backends.transformers import TransformersBackend
 from cai.constitution import Constitution
 from cai.engine import CAIEngine
 from cai.evaluation import EvalConfig, EvalReport, evaluate
-from cai.policy_versions import PolicyVersion, fetch_adapter
-from cai.records import Prompt, TrainingSample
+from cai.policy_versions import fetch_adapter
+from cai.records import PolicyVersion, Prompt, TrainingSample
 from trainer.config import TrainConfig
 from trainer.io import build_trainer
 from trainer.train import StepResult

@@ -20,7 +20,8 @@ from typing import Any
 from cai.backends.base import Backend
 from cai.errors import InvalidArgument
 from cai.kafka import client, records
-from cai.policy_versions import PolicyVersion, fetch_adapter
+from cai.policy_versions import fetch_adapter
+from cai.records import PolicyVersion
 from cai.v1 import records_pb2
 
 log = logging.getLogger("cai.policy_updates")
@@ -99,7 +100,7 @@ class PolicyFollower:
                     record = records.decode(
                         records_pb2.PolicyVersionRecord, message.value(), message.headers()
                     )
-                    await self.apply(PolicyVersion.of(record))
+                    await self.apply(PolicyVersion.of_proto(record))
                 except Exception as exc:  # a bad version must not stop the service: keep the old one
                     self.failed += 1
                     log.warning(

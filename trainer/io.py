@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cai.errors import InvalidArgument
-from cai.policy_versions import PolicyServer, PolicyVersion
-from cai.records import TrainingSample
+from cai.policy_versions import PolicyServer
+from cai.records import PolicyVersion, TrainingSample
 from trainer.config import TrainConfig
 from trainer.data import FileSource, Source, load_samples
 from trainer.train import Publisher, Trainer, file_uri

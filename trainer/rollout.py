@@ -48,7 +48,7 @@ from cai.errors import CAIError, InvalidArgument, NotFound, PermissionDenied, Un
 if TYPE_CHECKING:
     from kubernetes.client import Configuration
 
-    from cai.policy_versions import PolicyVersion
+    from cai.records import PolicyVersion
 
 log = logging.getLogger("cai.trainer")
 

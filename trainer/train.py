@@ -27,8 +27,8 @@ from typing import Any, Protocol
 import torch
 
 from cai.errors import InvalidArgument
-from cai.policy_versions import PolicyVersion, pack_adapter, version_index, version_name
-from cai.records import TrainingSample
+from cai.policy_versions import pack_adapter, version_index, version_name
+from cai.records import PolicyVersion, TrainingSample
 from trainer.checkpoint import latest_valid, prune, rng_state, set_rng_state, write_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import Encoded, Source, collate, encode

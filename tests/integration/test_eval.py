@@ -177,7 +177,8 @@ async def test_cli_evaluates_a_running_policy_service(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from cai.backends.transformers import TransformersBackend
-    from cai.policy_versions import PolicyVersion, fetch_adapter, pack_adapter
+    from cai.policy_versions import fetch_adapter, pack_adapter
+    from cai.records import PolicyVersion
     from services.server import start_service
     from services.settings import load_settings
 

@@ -23,7 +23,8 @@ import pytest
 from cai.backends.transformers import TransformersBackend
 from cai.kafka import records
 from cai.kafka.topics import TopicSpec, create_topics, dlq
-from cai.policy_versions import KafkaPublisher, PolicyVersion, pack_adapter
+from cai.policy_versions import KafkaPublisher, pack_adapter
+from cai.records import PolicyVersion
 from cai.v1 import common_pb2, policy_pb2, policy_pb2_grpc, records_pb2
 from services.policy_updates import PolicyFollower
 from services.server import start_service

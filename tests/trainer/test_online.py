@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cai.errors import InvalidArgument
-from cai.policy_versions import PolicyVersion, fetch_adapter, version_index
-from cai.records import TrainingSample
+from cai.policy_versions import fetch_adapter, version_index
+from cai.records import PolicyVersion, TrainingSample
 from trainer.config import TrainConfig
 from trainer.streams import MemorySource
 from trainer.train import Trainer
