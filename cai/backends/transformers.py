@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import inspect
 import logging
 import os
 import secrets
 import sys
+from array import array
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -144,6 +147,83 @@ def _preallocated_cache(num_layers: int, capacity: int) -> Any:
     return Cache(layers=[PreallocatedLayer() for _ in range(num_layers)])
 
 
+class PrefixCache:
+    """KV states of token prefixes that many prompts share, in blocks of `block` tokens.
+
+    Block k of a prompt is keyed by a digest of every token up to its end and of the weights'
+    generation, so a block is only ever reused after exactly the same tokens on exactly the same
+    weights. Blocks are evicted least recently used first when the stored states pass
+    `max_bytes`. A prompt's leading blocks are always touched after its later ones, so a prefix
+    that many prompts share stays while their own tails are evicted before it.
+    `hits`/`misses` count prompts that found / did not find a stored prefix; `reused_tokens`
+    and `computed_tokens` count their tokens (what the cache saved and what was still run).
+    """
+
+    def __init__(self, max_bytes: int, block: int = 32):
+        self.max_bytes = max_bytes
+        self.block = block
+        self.generation = 0  # bumped whenever the weights change
+        self.hits = self.misses = self.reused_tokens = self.computed_tokens = 0
+        self.bytes = 0
+        # key -> one block's keys and values: (layers, 2, kv heads, block, head dim)
+        self._blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def clear(self) -> None:
+        """Forget every block (the weights changed): a state is never reused across versions."""
+        self._blocks.clear()
+        self.bytes = 0
+        self.generation += 1
+
+    def keys(self, ids: list[int]) -> list[bytes]:
+        """The key of every full block of `ids`, each covering all the tokens before it."""
+        digest = self.generation.to_bytes(8, "little")
+        keys = []
+        for end in range(self.block, len(ids) + 1, self.block):
+            tokens = array("q", ids[end - self.block : end]).tobytes()
+            digest = hashlib.blake2b(digest + tokens, digest_size=16).digest()
+            keys.append(digest)
+        return keys
+
+    def match(self, keys: list[bytes]) -> int:
+        """How many leading blocks of `keys` are stored; touches them."""
+        found = 0
+        while found < len(keys) and keys[found] in self._blocks:
+            found += 1
+        self._touch(keys[:found])
+        return found
+
+    def get(self, keys: list[bytes]) -> torch.Tensor:
+        """The stored states of these leading blocks, as one (layers, 2, heads, tokens, dim)."""
+        return torch.cat([self._blocks[k] for k in keys], dim=3)
+
+    def put(self, keys: list[bytes], states: list[torch.Tensor]) -> None:
+        """Store blocks (the keys of a prompt's chain from its first block on; states only for the
+        new ones at the end), then evict the least recently used past the budget."""
+        new = keys[len(keys) - len(states) :]
+        for key, state in zip(new, states, strict=True):
+            if key not in self._blocks:
+                self._blocks[key] = state
+                self.bytes += state.numel() * state.element_size()
+        self._touch(keys)
+        while self.bytes > self.max_bytes and self._blocks:
+            _, old = self._blocks.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def _touch(self, keys: list[bytes]) -> None:
+        # Deepest first, so the first block ends up the most recent: tails are evicted first.
+        for key in reversed(keys):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+
+
+def _cache_kwarg(module: Any) -> str:
+    # transformers renamed `past_key_values` to `cache` during the 5.x series.
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def _release_freed_memory() -> None:
     """Hand freed heap pages back to the OS, so resident memory follows the working set."""
     if sys.platform.startswith("linux"):
@@ -190,6 +270,8 @@ class TransformersBackend(Backend):
         batch_window_ms: float = 5.0,
         max_queue: int = 256,
         dtype: str = "auto",
+        prefix_cache: bool = True,
+        prefix_cache_mb: float = 128.0,
     ):
         import transformers
 
@@ -224,6 +306,8 @@ class TransformersBackend(Backend):
         self._pending_rows = 0
         self._closed = False
         self._adapters_loaded = 0
+        # None when switched off (benchmarks and tests compare with and without it).
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache else None
 
     @property
     def queue_depth(self) -> int:
@@ -291,6 +375,8 @@ class TransformersBackend(Backend):
             replacement = apply(self.model)
             if replacement is not None:
                 self.model = replacement.eval()
+            if self.prefix_cache is not None:  # states computed by the old weights are stale
+                self.prefix_cache.clear()
             self.policy_version = version
 
         await asyncio.get_running_loop().run_in_executor(self._executor, do_swap)
@@ -433,6 +519,170 @@ class TransformersBackend(Backend):
             mask[i, width - len(seq) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _base(self) -> Any:
+        """The transformers model under a peft wrapper (its layers carry the adapter)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def _forward(
+        self,
+        sequences: list[list[int]],
+        cacheable: list[int],
+        extra: int,
+        keep: int,
+        hidden: bool,
+        count: bool = True,
+    ) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+        """One forward pass over `sequences`, reusing stored prefix states where it can.
+
+        A row whose first blocks are in the prefix cache runs only its remaining tokens, after
+        those states: each row is laid out as [padding, stored prefix, padding, new tokens] and
+        the attention mask and position ids skip the padding, so every row sees exactly its
+        own tokens at their own positions. The first `cacheable[i]` tokens of row i may be
+        stored (prompts, not scored options). Returns the model's output (logits of the last
+        `keep` positions, or the last hidden states when `hidden`), the KV cache (with room for
+        `extra` more tokens), the attention mask and the position ids of the new tokens.
+        """
+        cache_store = self.prefix_cache
+        block = cache_store.block if cache_store is not None else 1
+        found = [0] * len(sequences)
+        chains: list[list[bytes]] = [[] for _ in sequences]
+        if cache_store is not None:
+            chains = [cache_store.keys(seq[:n]) for seq, n in zip(sequences, cacheable, strict=True)]
+            # At least one token of each row is run: its output is what the caller wants.
+            usable = [chain[: (n - 1) // block] for chain, n in zip(chains, cacheable, strict=True)]
+            found = [cache_store.match(keys) for keys in usable]
+            shared = self._shared_prefixes(sequences, usable, found, block)
+            if shared:  # prefixes several rows of this batch share: run each once first, store it
+                self._forward(shared, [len(p) for p in shared], 0, 1, hidden=True, count=False)
+                found = [cache_store.match(keys) for keys in usable]
+            if count:
+                for seq, n in zip(sequences, found, strict=True):
+                    if n:
+                        cache_store.hits += 1
+                    else:
+                        cache_store.misses += 1
+                    cache_store.reused_tokens += n * block
+                    cache_store.computed_tokens += len(seq) - n * block
+        stored = [n * block for n in found]
+        past = max(stored)
+        new_ids, new_mask = self._padded([seq[p:] for seq, p in zip(sequences, stored, strict=True)])
+        width = new_ids.shape[1]
+        layers = self.model.config.get_text_config().num_hidden_layers
+        cache = _preallocated_cache(layers, past + width + extra)
+        past_mask = torch.zeros((len(sequences), past), dtype=torch.long, device=self.device)
+        if past:
+            assert cache_store is not None
+            states: torch.Tensor | None = None
+            for row, (chain, n) in enumerate(zip(chains, found, strict=True)):
+                if not n:
+                    continue
+                prefix = cache_store.get(chain[:n])  # (layers, 2, heads, tokens, dim)
+                if states is None:
+                    _, _, heads, _, dim = prefix.shape
+                    shape = (layers, 2, len(sequences), heads, past, dim)
+                    states = prefix.new_zeros(shape)
+                states[:, :, row, :, past - prefix.shape[3] :] = prefix
+                past_mask[row, past - prefix.shape[3] :] = 1
+            assert states is not None
+            for layer, state in zip(cache.layers, states, strict=True):
+                layer.update(state[0], state[1])
+        mask = torch.cat([past_mask, new_mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        # The KV states are kept when something needs them: decode steps or the prefix cache.
+        use_cache = cache_store is not None or extra > 0
+        kwargs = {
+            "input_ids": new_ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": use_cache,
+        }
+        if hidden:  # the decoder alone: the caller applies the LM head in float32
+            module = self._base().get_decoder()
+        else:
+            module, kwargs["logits_to_keep"] = self.model, keep
+        if use_cache:
+            kwargs[_cache_kwarg(self._base().get_decoder())] = cache
+        out = module(**kwargs)
+        if cache_store is not None:
+            self._store(sequences, cacheable, chains, found, cache, past + width)
+        return out, cache, mask, positions
+
+    @staticmethod
+    def _shared_prefixes(
+        sequences: list[list[int]], usable: list[list[bytes]], found: list[int], block: int
+    ) -> list[list[int]]:
+        """The longest block-aligned prefixes that two or more rows share beyond what is stored
+        (both orderings of a judgment share their conversation), without those another contains."""
+        counts = Counter(key for keys, n in zip(usable, found, strict=True) for key in keys[n:])
+        longest: dict[bytes, tuple[int, int]] = {}  # last key -> (row, blocks)
+        for row, (keys, n) in enumerate(zip(usable, found, strict=True)):
+            depth = max((d for d in range(n + 1, len(keys) + 1) if counts[keys[d - 1]] > 1), default=0)
+            if depth:
+                longest[keys[depth - 1]] = (row, depth)
+        inner = {key for row, depth in longest.values() for key in usable[row][: depth - 1]}
+        return [sequences[row][: depth * block] for key, (row, depth) in longest.items() if key not in inner]
+
+    def _store(
+        self,
+        sequences: list[list[int]],
+        cacheable: list[int],
+        chains: list[list[bytes]],
+        found: list[int],
+        cache: Any,
+        columns: int,
+    ) -> None:
+        """Store the new full blocks of each row's cacheable tokens from the batch's KV cache."""
+        assert self.prefix_cache is not None
+        block = self.prefix_cache.block
+        keys_by_layer = [(layer.keys, layer.values) for layer in cache.layers]
+        for row, (seq, n, chain, done) in enumerate(zip(sequences, cacheable, chains, found, strict=True)):
+            total = n // block
+            if total <= done:
+                self.prefix_cache.put(chain[:total], [])
+                continue
+            # Token t of this row sits in column columns - len(seq) + t (its new tokens are
+            # right-aligned), so its blocks are contiguous column ranges.
+            offset = columns - len(seq)
+            states = []
+            for b in range(done, total):
+                cols = slice(offset + b * block, offset + (b + 1) * block)
+                states.append(
+                    torch.stack([torch.stack((k[row, :, cols], v[row, :, cols])) for k, v in keys_by_layer])
+                )
+            self.prefix_cache.put(chain[:total], states)
+
+    def _token_logprobs(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """log p(tokens[i, j]) at hidden state i, with the LM head applied in float32.
+
+        In bfloat16 the logits themselves are rounded (steps of 0.125 around 20), enough to move
+        a label by a few hundredths; a float32 head on the last hidden state removes that part.
+        The vocabulary is projected in chunks, so a bfloat16 head is never copied whole.
+        """
+        base = self._base()
+        head = base.get_output_embeddings()
+        config = base.config.get_text_config()
+        plain = isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear
+        if (
+            not plain
+            or getattr(config, "final_logit_softcapping", None)
+            or getattr(config, "logit_scale", None)
+        ):
+            # A head we cannot reproduce (an adapter on it, capped or scaled logits): the model's own.
+            logprobs = torch.log_softmax(head(hidden).float(), dim=-1)
+            return logprobs.gather(1, tokens)
+        hidden = hidden.float()
+        weight, bias = head.weight, head.bias
+        totals = []
+        for start in range(0, weight.shape[0], 8192):
+            logits = hidden @ weight[start : start + 8192].float().T
+            if bias is not None:
+                logits += bias[start : start + 8192].float()
+            totals.append(torch.logsumexp(logits, dim=-1))
+        picked = (hidden[:, None, :] * weight[tokens].float()).sum(-1)
+        if bias is not None:
+            picked += bias[tokens].float()
+        return picked - torch.logsumexp(torch.stack(totals, dim=-1), dim=-1, keepdim=True)
+
     @torch.inference_mode()
     def _run_scores(self, jobs: list[_ScoreJob]) -> None:
         # Single-token options need one sequence per job (the prompt); longer options need one
@@ -443,32 +693,38 @@ class TransformersBackend(Backend):
                 sequences.append(job.prompt_ids)
             else:
                 sequences += [job.prompt_ids + opt for opt in job.option_ids]
-        ids, mask = self._padded(sequences)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cacheable = [len(job.prompt_ids) for job in jobs for _ in range(job.rows)]
         keep = 1 + max((len(o) for j in jobs for o in j.option_ids if j.rows > 1), default=0)
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            logits_to_keep=keep,
-            use_cache=False,
-        ).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        out, _, _, _ = self._forward(sequences, cacheable, 0, keep, hidden=True)
+        hidden = out.last_hidden_state
+        # Every (hidden state, tokens whose log-prob it gives) of the batch, for one LM head pass.
+        vectors: list[torch.Tensor] = []
+        wanted: list[list[int]] = []
         row = 0
         for job in jobs:
             if job.rows == 1:
-                last = logprobs[row, -1]
-                _resolve(job, [float(last[opt[0]]) for opt in job.option_ids])
+                vectors.append(hidden[row, -1])
+                wanted.append([opt[0] for opt in job.option_ids])
                 row += 1
+                continue
+            for opt in job.option_ids:
+                # Position t predicts token t + 1: the option's tokens are the last len(opt).
+                vectors += list(hidden[row, -len(opt) - 1 : -1])
+                wanted += [[token] for token in opt]
+                row += 1
+        width = max(len(w) for w in wanted)
+        tokens = torch.tensor([w + [0] * (width - len(w)) for w in wanted], device=hidden.device)
+        logprobs = self._token_logprobs(torch.stack(vectors), tokens).tolist()
+        at = 0
+        for job in jobs:
+            if job.rows == 1:
+                _resolve(job, logprobs[at][: len(job.option_ids)])
+                at += 1
                 continue
             result = []
             for opt in job.option_ids:
-                # Position t predicts token t + 1: the option's tokens are the last len(opt).
-                predicted = logprobs[row, -len(opt) - 1 : -1]
-                result.append(
-                    float(predicted.gather(1, torch.tensor(opt, device=predicted.device)[:, None]).sum())
-                )
-                row += 1
+                result.append(sum(logprobs[at + i][0] for i in range(len(opt))))
+                at += len(opt)
             _resolve(job, result)
 
     @torch.inference_mode()
@@ -491,21 +747,15 @@ class TransformersBackend(Backend):
             _resolve(job, [Completion(r.text, len(r.out_ids), r.finish or "length", version) for r in done])
 
     def _decode(self, rows: list[_Row]) -> None:
-        ids, mask = self._padded([r.prompt_ids for r in rows])
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        capacity = ids.shape[1] + max(r.params.max_new_tokens for r in rows)
-        cache = _preallocated_cache(self.model.config.get_text_config().num_hidden_layers, capacity)
+        prompts = [r.prompt_ids for r in rows]
+        extra = max(r.params.max_new_tokens for r in rows)
+        # The prefill reuses stored prefix states; the decode steps continue in the same cache.
+        out, cache, mask, step_positions = self._forward(
+            prompts, [len(p) for p in prompts], extra, 1, hidden=False
+        )
         active = list(range(len(rows)))  # indices into rows, aligned with the cache's batch dim
-        step_input, step_positions = ids, position_ids
+        cache_kwarg = _cache_kwarg(self._base())
         while True:
-            out = self.model(
-                input_ids=step_input,
-                attention_mask=mask,
-                position_ids=step_positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kwarg(): cache},
-            )
             tokens = self._sample(out.logits[:, -1, :].float(), [rows[i] for i in active])
             keep = []
             for slot, (i, token) in enumerate(zip(active, tokens, strict=True)):
@@ -524,12 +774,14 @@ class TransformersBackend(Backend):
                 active = [active[s] for s in keep]
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], 1)
             step_positions = step_positions[:, -1:] + 1
-            step_input = next_tokens
-
-    def _cache_kwarg(self) -> str:
-        # transformers renamed `past_key_values` to `cache` during the 5.x series.
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+            out = self.model(
+                input_ids=next_tokens,
+                attention_mask=mask,
+                position_ids=step_positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_kwarg: cache},
+            )
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         chosen = []
