@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cai import constitution
-from cai.backends.base import Backend, Completion, SamplingParams
+from cai.backends.base import Backend, Completion, SamplingParams, WrappedBackend
 from cai.backends.transformers import TransformersBackend
 from cai.constitution import Conversation
 from cai.engine import CAIEngine
@@ -434,28 +434,13 @@ async def bench_grpc_vs_inprocess(
 # ---- langchain-peer -----------------------------------------------------------------------
 
 
-class RecordingBackend(Backend):
+class RecordingBackend(WrappedBackend):
     """Passes everything to `inner` and keeps the prompts of generate calls (to report their size)."""
 
     def __init__(self, inner: Backend):
-        self.inner = inner
-        self.kind = inner.kind
-        self.model_id = inner.model_id
+        super().__init__(inner)
         self.prompts: list[str] = []
         self.new_tokens: list[int] = []
-
-    @property
-    def queue_depth(self) -> int:
-        return self.inner.queue_depth
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def render(self, messages: Conversation) -> str:
-        return await self.inner.render(messages)
-
-    async def count_tokens(self, text: str) -> int | None:
-        return await self.inner.count_tokens(text)
 
     async def generate(self, prompt: str, params: SamplingParams) -> list[Completion]:
         self.prompts.append(prompt)
@@ -467,12 +452,6 @@ class RecordingBackend(Backend):
         self.prompts.append(prompt)
         async for piece in self.inner.generate_stream(prompt, params):
             yield piece
-
-    async def score_options(self, prompt: str, options: list[str]) -> list[float]:
-        return await self.inner.score_options(prompt, options)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 async def run_ours(

@@ -11,8 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from cai.backends.base import Backend, Completion, SamplingParams
-from cai.constitution import Conversation
+from cai.backends.base import Backend, Completion, SamplingParams, WrappedBackend
 from cai.kafka.stream import StreamMetrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -68,35 +67,13 @@ class Metrics:
         return self.port
 
 
-class MeteredBackend(Backend):
+class MeteredBackend(WrappedBackend):
     """Counts the tokens a backend generates; everything else passes through."""
 
     def __init__(self, inner: Backend, metrics: Metrics):
-        self.inner = inner
+        super().__init__(inner)
         self.metrics = metrics
-        self.kind = inner.kind
         metrics.watch(inner)
-
-    @property
-    def model_id(self) -> str:  # type: ignore[override]
-        return self.inner.model_id
-
-    @property
-    def policy_version(self) -> str:  # type: ignore[override]
-        return self.inner.policy_version
-
-    @property
-    def queue_depth(self) -> int:
-        return self.inner.queue_depth
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def render(self, messages: Conversation) -> str:
-        return await self.inner.render(messages)
-
-    async def count_tokens(self, text: str) -> int | None:
-        return await self.inner.count_tokens(text)
 
     async def generate(self, prompt: str, params: SamplingParams) -> list[Completion]:
         completions = await self.inner.generate(prompt, params)
@@ -111,12 +88,6 @@ class MeteredBackend(Backend):
         # A piece may hold several tokens (text is held back while it could begin a stop string).
         tokens = await self.inner.count_tokens("".join(pieces))
         self.metrics.tokens.inc(len(pieces) if tokens is None else tokens)
-
-    async def score_options(self, prompt: str, options: list[str]) -> list[float]:
-        return await self.inner.score_options(prompt, options)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 class JsonFormatter(logging.Formatter):

@@ -90,3 +90,44 @@ class Backend(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
+
+
+class WrappedBackend(Backend):
+    """Passes every call to `inner`; subclasses override what they observe (metrics, recording)."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.kind = inner.kind
+
+    @property
+    def model_id(self) -> str:  # type: ignore[override]
+        return self.inner.model_id
+
+    @property
+    def policy_version(self) -> str:  # type: ignore[override]
+        return self.inner.policy_version
+
+    @property
+    def queue_depth(self) -> int:
+        return self.inner.queue_depth
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def render(self, messages: Conversation) -> str:
+        return await self.inner.render(messages)
+
+    async def count_tokens(self, text: str) -> int | None:
+        return await self.inner.count_tokens(text)
+
+    async def generate(self, prompt: str, params: SamplingParams) -> list[Completion]:
+        return await self.inner.generate(prompt, params)
+
+    def generate_stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
+        return self.inner.generate_stream(prompt, params)
+
+    async def score_options(self, prompt: str, options: list[str]) -> list[float]:
+        return await self.inner.score_options(prompt, options)
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -15,15 +15,14 @@ from typing import Any
 
 import httpx2
 
-from cai.backends.base import Backend, Completion, FinishReason, SamplingParams, plain_chat
+from cai.backends.base import Completion, FinishReason, SamplingParams
 from cai.backends.remote import (
-    LocalTokenizer,
+    RemoteBackend,
     common_prefix,
     response_message,
     status_error,
     transport_error,
 )
-from cai.constitution import Conversation
 from cai.errors import CAIError, InvalidArgument, Unavailable
 
 _FINISH: dict[str, FinishReason] = {"length": "length", "stop": "stop", "abort": "cancelled"}
@@ -42,7 +41,7 @@ def _apportion(total: int, weights: list[int]) -> list[int]:
     return parts
 
 
-class OpenAIBackend(Backend):
+class OpenAIBackend(RemoteBackend):
     kind = "openai"
 
     def __init__(
@@ -53,26 +52,15 @@ class OpenAIBackend(Backend):
         api_key: str | None = None,
         timeout: float = 120.0,
     ):
-        if not url.startswith(("http://", "https://")):
-            raise InvalidArgument(f"--url: {url!r} is not an http:// or https:// URL")
+        super().__init__(url, tokenizer, timeout)
         # The server root; the OpenAI client's base_url form (ending in /v1) is accepted too.
-        self.url = url.rstrip("/").removesuffix("/v1")
+        self.url = self.url.removesuffix("/v1")
         self.model = model  # the first model of GET /v1/models when not given
         self.model_id = model or self.url
         self.api_key = api_key
-        self.timeout = timeout
-        self.tokenizer = LocalTokenizer(tokenizer) if tokenizer else None
         self._where = f"OpenAI-compatible server at {self.url}"
         self._http: httpx2.AsyncClient | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
-
-    # ---- prompts -------------------------------------------------------------------------
-
-    async def render(self, messages: Conversation) -> str:
-        return plain_chat(messages) if self.tokenizer is None else self.tokenizer.render(messages)
-
-    async def count_tokens(self, text: str) -> int | None:
-        return None if self.tokenizer is None else self.tokenizer.count(text)
 
     # ---- public API ----------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from typing import TypeVar
 import httpx2
 from huggingface_hub.errors import InferenceTimeoutError
 
-from cai.backends.base import plain_chat
+from cai.backends.base import Backend, plain_chat
 from cai.constitution import Conversation
 from cai.errors import CAIError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
@@ -108,3 +108,21 @@ def common_prefix(a: Sequence[object], b: Sequence[object]) -> int:
 def first_stop(text: str, stops: Iterable[str]) -> int | None:
     found = [at for s in stops if (at := text.find(s)) != -1]
     return min(found) if found else None
+
+
+class RemoteBackend(Backend):
+    """A model behind an HTTP server: the URL, and chat templates and token counts from a local
+    tokenizer folder when one is given (else a plain rendering, and the server checks lengths)."""
+
+    def __init__(self, url: str, tokenizer: str | None, timeout: float):
+        if not url.startswith(("http://", "https://")):
+            raise InvalidArgument(f"--url: {url!r} is not an http:// or https:// URL")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.tokenizer = LocalTokenizer(tokenizer) if tokenizer else None
+
+    async def render(self, messages: Conversation) -> str:
+        return plain_chat(messages) if self.tokenizer is None else self.tokenizer.render(messages)
+
+    async def count_tokens(self, text: str) -> int | None:
+        return None if self.tokenizer is None else self.tokenizer.count(text)

@@ -20,9 +20,9 @@ from huggingface_hub.errors import (
     ValidationError,
 )
 
-from cai.backends.base import Backend, Completion, FinishReason, SamplingParams, plain_chat
+from cai.backends.base import Completion, FinishReason, SamplingParams
 from cai.backends.remote import (
-    LocalTokenizer,
+    RemoteBackend,
     common_prefix,
     first_stop,
     gather_all,
@@ -30,13 +30,12 @@ from cai.backends.remote import (
     status_error,
     transport_error,
 )
-from cai.constitution import Conversation
 from cai.errors import CAIError, InvalidArgument, ResourceExhausted, Unavailable
 
 _FINISH: dict[str, FinishReason] = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
 
-class TGIBackend(Backend):
+class TGIBackend(RemoteBackend):
     kind = "tgi"
 
     def __init__(
@@ -46,25 +45,13 @@ class TGIBackend(Backend):
         token: str | None = None,
         timeout: float = 120.0,
     ):
-        if not url.startswith(("http://", "https://")):
-            raise InvalidArgument(f"--url: {url!r} is not an http:// or https:// URL")
-        self.url = url.rstrip("/")
+        super().__init__(url, tokenizer, timeout)
         self.model_id = self.url  # the server's model id once /info has answered
         self.token = token
-        self.timeout = timeout
-        self.tokenizer = LocalTokenizer(tokenizer) if tokenizer else None
         self._where = f"TGI server at {self.url}"
         self._info_done = False
         self._client: AsyncInferenceClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
-
-    # ---- prompts -------------------------------------------------------------------------
-
-    async def render(self, messages: Conversation) -> str:
-        return plain_chat(messages) if self.tokenizer is None else self.tokenizer.render(messages)
-
-    async def count_tokens(self, text: str) -> int | None:
-        return None if self.tokenizer is None else self.tokenizer.count(text)
 
     # ---- public API ----------------------------------------------------------------------
 
