@@ -11,6 +11,7 @@ in the run folder, on the topics and in the trainer's log, whichever path made i
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -273,7 +274,7 @@ class Revision:
         }
 
 
-def labels_proto(labels: list[PrincipleLabel]) -> list[judge_pb2.PrincipleLabel]:
+def labels_proto(labels: Iterable[PrincipleLabel]) -> list[judge_pb2.PrincipleLabel]:
     return [
         judge_pb2.PrincipleLabel(
             principle_id=label.principle_id,
@@ -286,8 +287,7 @@ def labels_proto(labels: list[PrincipleLabel]) -> list[judge_pb2.PrincipleLabel]
     ]
 
 
-def labels_of(labels: Any) -> list[PrincipleLabel]:
-    """From repeated judge_pb2.PrincipleLabel."""
+def labels_of(labels: Iterable[judge_pb2.PrincipleLabel]) -> list[PrincipleLabel]:
     return [
         PrincipleLabel(
             label.principle_id,
