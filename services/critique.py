@@ -7,11 +7,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cai.constitution import Conversation
 from cai.engine import CritiqueOptions
-from cai.errors import InvalidArgument, NotFound
+from cai.errors import NotFound
 from cai.records import conversation_of
-from cai.v1 import common_pb2, critique_pb2, critique_pb2_grpc
+from cai.v1 import critique_pb2, critique_pb2_grpc
 from services import convert
 from services.dataplane import CritiquePlane
 
@@ -26,17 +25,12 @@ class CritiqueServicer(critique_pb2_grpc.CritiqueServiceServicer):
     def _hash(self) -> str:
         return self.engine.constitution.hash
 
-    async def _conversation(self, message: common_pb2.Conversation) -> Conversation:
-        return await self.plane.checked(conversation_of(message))
-
     async def Critique(
         self, request: critique_pb2.CritiqueRequest, context: grpc.aio.ServicerContext
     ) -> critique_pb2.CritiqueResponse:
         params = convert.sampling(request.parameters, self.limits, self.engine.config.critique_params)
-        turns = await self._conversation(request.conversation)
-        principle_id, critique = await self.engine.critique(
-            turns, request.principle_id or None, params.seed, params
-        )
+        turns = conversation_of(request.conversation)
+        principle_id, critique = await self.plane.critique(turns, request.principle_id or None, params)
         return critique_pb2.CritiqueResponse(
             principle_id=principle_id, critique=critique, constitution_hash=self._hash
         )
@@ -45,12 +39,8 @@ class CritiqueServicer(critique_pb2_grpc.CritiqueServiceServicer):
         self, request: critique_pb2.ReviseRequest, context: grpc.aio.ServicerContext
     ) -> critique_pb2.ReviseResponse:
         params = convert.sampling(request.parameters, self.limits, self.engine.config.revision_params)
-        turns = await self._conversation(request.conversation)
-        if not request.principle_id:
-            raise InvalidArgument("principle_id: name the principle the critique was made under")
-        revision = await self.engine.revise(
-            turns, request.principle_id, request.critique, params.seed, params
-        )
+        turns = conversation_of(request.conversation)
+        revision = await self.plane.revise(turns, request.principle_id, request.critique, params)
         return critique_pb2.ReviseResponse(
             principle_id=request.principle_id, revision=revision, constitution_hash=self._hash
         )

@@ -1,17 +1,18 @@
 """What the policy, critique and judge services do, whichever transport asked: the gRPC servicers
-and the Kafka stream stages both call these, so a request gets the same limits, the same checks
-and the same errors (naming the same fields) on both."""
+and the Kafka stream stages both call these, so a request gets the same limits, the same checks,
+the same errors (naming the same fields) and the same metric (`cai_operations_total`) on both."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 
 from cai import records
 from cai.backends.base import Backend, Completion, SamplingParams
 from cai.constitution import Conversation
 from cai.engine import CAIEngine, ComparisonResult, CritiqueChain, CritiqueOptions, CritiqueStep, JudgeOptions
-from cai.errors import InvalidArgument
+from cai.errors import CAIError, InvalidArgument
 from cai.records import Preference, Prompt, Revision, Rollout
 from cai.v1 import policy_pb2
 from services.settings import ServiceSettings
@@ -63,13 +64,35 @@ def check_sampling(params: SamplingParams, limits: Limits, field: str = "paramet
         raise InvalidArgument(f"n: {params.n} is above this service's limit of {limits.max_n}")
 
 
+class _Plane:
+    """Counts each operation by its outcome: ok, or the name of the error that ended it."""
+
+    def __init__(self, count: Callable[[str, str], None] | None):
+        self.count = count or (lambda operation, outcome: None)
+
+    @contextlib.contextmanager
+    def counted(self, operation: str) -> Iterator[None]:
+        outcome = "ok"
+        try:
+            yield
+        except CAIError as exc:
+            outcome = type(exc).__name__
+            raise
+        except BaseException:
+            outcome = "error"
+            raise
+        finally:
+            self.count(operation, outcome)
+
+
 def _ends_with(conversation: Conversation, role: str, field: str, why: str) -> None:
     if not conversation or conversation[-1]["role"] != role:
         raise InvalidArgument(f"{field}: must end with {why}")
 
 
-class PolicyPlane:
-    def __init__(self, backend: Backend, limits: Limits):
+class PolicyPlane(_Plane):
+    def __init__(self, backend: Backend, limits: Limits, count: Callable[[str, str], None] | None = None):
+        super().__init__(count)
         self.backend = backend
         self.limits = limits
 
@@ -82,8 +105,23 @@ class PolicyPlane:
         return await self.checked(await self.backend.render(conversation), field)
 
     async def generate(self, text: str, params: SamplingParams) -> list[Completion]:
-        check_sampling(params, self.limits)
-        return await self.backend.generate(text, params)
+        with self.counted("generate"):
+            check_sampling(params, self.limits)
+            return await self.backend.generate(text, params)
+
+    async def generate_stream(self, text: str, params: SamplingParams) -> AsyncIterator[str]:
+        with self.counted("generate_stream"):
+            check_sampling(params, self.limits)
+            async for piece in self.backend.generate_stream(text, params):
+                yield piece
+
+    async def score_options(self, text: str, options: list[str]) -> list[float]:
+        with self.counted("score_options"):
+            if not options:
+                raise InvalidArgument("options: give at least one option")
+            if any(not o for o in options):
+                raise InvalidArgument("options: an option is empty")
+            return await self.backend.score_options(text, options)
 
     async def rollout(self, prompt: Prompt, params: SamplingParams) -> Rollout:
         """The prompt answered `params.n` times with its own seed: the policy stage's record."""
@@ -92,8 +130,9 @@ class PolicyPlane:
         return records.rollout_of(prompt, completions, self.backend.model_id)
 
 
-class CritiquePlane:
-    def __init__(self, engine: CAIEngine, limits: Limits):
+class CritiquePlane(_Plane):
+    def __init__(self, engine: CAIEngine, limits: Limits, count: Callable[[str, str], None] | None = None):
+        super().__init__(count)
         self.engine = engine
         self.limits = limits
 
@@ -110,13 +149,30 @@ class CritiquePlane:
                 f"rounds: {options.rounds} is outside this service's range of 1 to {self.limits.max_rounds}"
             )
 
+    async def critique(
+        self, conversation: Conversation, principle_id: str | None, params: SamplingParams
+    ) -> tuple[str, str]:
+        with self.counted("critique"):
+            turns = await self.checked(conversation)
+            return await self.engine.critique(turns, principle_id, params.seed, params)
+
+    async def revise(
+        self, conversation: Conversation, principle_id: str, critique: str, params: SamplingParams
+    ) -> str:
+        with self.counted("revise"):
+            if not principle_id:
+                raise InvalidArgument("principle_id: name the principle the critique was made under")
+            turns = await self.checked(conversation)
+            return await self.engine.revise(turns, principle_id, critique, params.seed, params)
+
     async def steps(
         self, conversation: Conversation, options: CritiqueOptions, seed: int | None
     ) -> AsyncIterator[CritiqueStep]:
-        self.check_options(options)
-        turns = await self.checked(conversation)
-        async for step in self.engine.critique_revise_steps(turns, options, seed):
-            yield step
+        with self.counted("critique_revise"):
+            self.check_options(options)
+            turns = await self.checked(conversation)
+            async for step in self.engine.critique_revise_steps(turns, options, seed):
+                yield step
 
     async def revision(self, rollout: Rollout, options: CritiqueOptions) -> Revision:
         """The chain of the rollout's first answer: the critique stage's record."""
@@ -130,8 +186,9 @@ class CritiquePlane:
         )
 
 
-class JudgePlane:
-    def __init__(self, engine: CAIEngine, limits: Limits):
+class JudgePlane(_Plane):
+    def __init__(self, engine: CAIEngine, limits: Limits, count: Callable[[str, str], None] | None = None):
+        super().__init__(count)
         self.engine = engine
         self.limits = limits
 
@@ -154,11 +211,12 @@ class JudgePlane:
         seed: int | None,
         field: str = "",
     ) -> ComparisonResult:
-        for name, text in (("response_a", a), ("response_b", b)):
-            if not text.strip():
-                raise InvalidArgument(f"{field}{name}: must not be empty")
-        turns = await self.checked(conversation, [a, b], field)
-        return await self.engine.compare(turns, a, b, options, seed)
+        with self.counted("compare"):
+            for name, text in (("response_a", a), ("response_b", b)):
+                if not text.strip():
+                    raise InvalidArgument(f"{field}{name}: must not be empty")
+            turns = await self.checked(conversation, [a, b], field)
+            return await self.engine.compare(turns, a, b, options, seed)
 
     async def preference(self, source: Rollout | Revision, options: JudgeOptions) -> Preference:
         """The judged pair of a rollout or revision: the judge stage's record."""

@@ -53,9 +53,18 @@ class Metrics:
         self.queue_depth = Gauge(
             "cai_queue_depth", "rows waiting or running in the backend", ["service"], registry=self.registry
         ).labels(**labels)
+        self.operations = Counter(
+            "cai_operations",
+            "data-plane operations by outcome (ok or the error), from gRPC and the stream stage alike",
+            ["service", "operation", "outcome"],
+            registry=self.registry,
+        )
         self.stream = StreamMetrics(self.registry)
         self.service = service
         self.port: int | None = None
+
+    def count_operation(self, operation: str, outcome: str) -> None:
+        self.operations.labels(self.service, operation, outcome).inc()
 
     def watch(self, backend: Backend) -> None:
         self.queue_depth.set_function(lambda: backend.queue_depth)

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 import grpc
 
 from cai.backends.base import SamplingParams
-from cai.errors import InvalidArgument
 from cai.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services import convert
 from services.dataplane import PolicyPlane
@@ -47,7 +46,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         version = self.backend.policy_version
         text = ""
         pieces = 0
-        async for piece in self.backend.generate_stream(prompt, params):
+        async for piece in self.plane.generate_stream(prompt, params):
             text += piece
             pieces += 1
             yield policy_pb2.GenerateStreamResponse(text=piece, token_count=pieces, policy_version=version)
@@ -66,12 +65,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def ScoreOptions(
         self, request: policy_pb2.ScoreOptionsRequest, context: grpc.aio.ServicerContext
     ) -> policy_pb2.ScoreOptionsResponse:
-        if not request.options:
-            raise InvalidArgument("options: give at least one option")
-        if any(not o for o in request.options):
-            raise InvalidArgument("options: an option is empty")
         version = self.backend.policy_version
-        logprobs = await self.backend.score_options(await self._prompt(request.input), list(request.options))
+        logprobs = await self.plane.score_options(await self._prompt(request.input), list(request.options))
         return policy_pb2.ScoreOptionsResponse(logprobs=logprobs, policy_version=version)
 
     async def GetInfo(

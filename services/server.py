@@ -122,14 +122,18 @@ async def start_service(
     )
     plane: PolicyPlane | CritiquePlane | JudgePlane
     if isinstance(settings, PolicySettings):
-        plane = PolicyPlane(backend, limits)
+        plane = PolicyPlane(backend, limits, metrics.count_operation)
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane), server)
     elif isinstance(settings, CritiqueSettings):
-        plane = CritiquePlane(CAIEngine(backend, constitutions.load(settings.constitution)), limits)
+        plane = CritiquePlane(
+            CAIEngine(backend, constitutions.load(settings.constitution)), limits, metrics.count_operation
+        )
         critique_pb2_grpc.add_CritiqueServiceServicer_to_server(CritiqueServicer(plane), server)
     else:
         assert isinstance(settings, JudgeSettings)
-        plane = JudgePlane(CAIEngine(backend, constitutions.load(settings.constitution)), limits)
+        plane = JudgePlane(
+            CAIEngine(backend, constitutions.load(settings.constitution)), limits, metrics.count_operation
+        )
         judge_pb2_grpc.add_JudgeServiceServicer_to_server(JudgeServicer(plane), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
