@@ -109,14 +109,12 @@ async def bench_batching(backend: TransformersBackend, requests: int, max_new_to
 
 # ---- judging ------------------------------------------------------------------------------
 
+Pair = tuple[list[dict[str, str]], str, str]
 
-async def bench_judging(
-    backend: TransformersBackend, pairs: int, answer_tokens: int = 48, rationale_tokens: int = 64
-) -> None:
-    """Labels per second on the same pairs: log-prob scoring vs two generating judges."""
-    cons = constitution.load("default")
-    engine = CAIEngine(backend, cons)
-    records = load_prompts(None)[:pairs]
+
+async def sample_pairs(backend: TransformersBackend, pairs: int, answer_tokens: int) -> list[Pair]:
+    """Two sampled answers (seeded) to each of the first `pairs` built-in prompts."""
+    records = (load_prompts(None) * (pairs // 80 + 1))[:pairs]
     # Rendered first: an `await` inside the generator below would make it an async generator,
     # which gather cannot unpack.
     rendered = [await backend.render([{"role": "user", "content": r.text}]) for r in records]
@@ -126,10 +124,25 @@ async def bench_judging(
             for i, prompt in enumerate(rendered)
         )
     )
-    items = [
+    return [
         ([{"role": "user", "content": r.text}], c[0].text, c[1].text)
         for r, c in zip(records, responses, strict=True)
     ]
+
+
+def cold(backend: TransformersBackend) -> None:
+    """Empty the prefix cache, so a timed run only reuses what it computes itself."""
+    if backend.prefix_cache is not None:
+        backend.prefix_cache.clear()
+
+
+async def bench_judging(
+    backend: TransformersBackend, pairs: int, answer_tokens: int = 48, rationale_tokens: int = 64
+) -> None:
+    """Labels per second on the same pairs: log-prob scoring vs two generating judges."""
+    cons = constitution.load("default")
+    engine = CAIEngine(backend, cons)
+    items = await sample_pairs(backend, pairs, answer_tokens)
     question = cons.comparison_principles[0].comparison or ""
     examples = cons.comparison_examples[: engine.config.few_shot_comparison]
 
@@ -176,7 +189,10 @@ async def bench_judging(
         (f"writes a rationale (<= {rationale_tokens} tokens), then answers", rationale_judge, "no"),
     ):
         # best of two runs: the first may pay for warm-up and the machine is shared
-        (seconds, results), (again, _) = await timed(run), await timed(run)
+        cold(backend)
+        seconds, results = await timed(run)
+        cold(backend)
+        again, _ = await timed(run)
         seconds = min(seconds, again)
         parsed = [label for label, _ in results if label is not None]
         rows.append(
@@ -192,8 +208,106 @@ async def bench_judging(
         )
     for row in rows:
         row["ours_vs_this"] = rows[0]["labels_per_s"] / row["labels_per_s"]
-    show(f"judging: {len(items)} pairs, one ordering each", rows)
-    save("judging", rows, {"targets": {"vs one-token judge": ">= 1.0x", "vs rationale judge": ">= 5x"}})
+    cache = "on" if backend.prefix_cache is not None else "off"
+    show(f"judging: {len(items)} pairs, one ordering each, prefix cache {cache}", rows)
+    targets = {"vs one-token judge": ">= 1.0x", "vs rationale judge": ">= 5x"}
+    save("judging", rows, {"targets": targets, "prefix_cache": cache, "dtype": str(backend.dtype)})
+
+
+async def bench_prefix_cache(on: TransformersBackend, off: TransformersBackend, pairs: int) -> None:
+    """Debiased labels per second (engine.compare, both orderings) with the prefix cache on and off.
+
+    The cache is emptied before every run: a run reuses only the states it computed itself (the
+    system message and few-shot example of every prompt, the conversation both orderings share).
+    """
+    cons = constitution.load("default")
+    items = await sample_pairs(on, pairs, 48)
+    rows: list[dict[str, Any]] = []
+    results: dict[str, list[float]] = {}
+    for name, backend in (("off", off), ("on", on)):
+        engine = CAIEngine(backend, cons)
+
+        async def judge(engine: CAIEngine = engine) -> list[float]:
+            found = await asyncio.gather(
+                *(engine.compare(c, a, b, seed=i) for i, (c, a, b) in enumerate(items))
+            )
+            return [r.p_a for r in found]
+
+        await engine.compare(*items[0])  # warm up
+        best = float("inf")
+        cache = backend.prefix_cache
+        counters = ("hits", "misses", "reused_tokens", "computed_tokens")
+        for _ in range(2):  # best of two: the machine is shared
+            cold(backend)
+            before = [getattr(cache, c) for c in counters] if cache is not None else []
+            seconds, results[name] = await timed(judge)
+            best = min(best, seconds)
+        row: dict[str, Any] = {"prefix cache": name, "pairs": len(items), "seconds": best}
+        row["labels_per_s"] = len(items) / best
+        if cache is not None:  # the counters of the last run
+            hits, misses, reused, computed = (
+                getattr(cache, c) - b for c, b in zip(counters, before, strict=True)
+            )
+            row["prompts hit / missed"] = f"{hits}/{misses}"
+            row["prompt tokens reused"] = f"{reused / (reused + computed):.0%}"
+        rows.append(row)
+    for row in rows:
+        row["vs off"] = row["labels_per_s"] / rows[0]["labels_per_s"]
+    difference = max(abs(x - y) for x, y in zip(results["on"], results["off"], strict=True))
+    show(
+        f"prefix-cache: {len(items)} debiased labels, {on.dtype}, max |on - off| label {difference:.2g}", rows
+    )
+    extra = {"target": ">= 2.5x", "ratio": rows[1]["vs off"], "max_label_difference": difference}
+    save("prefix-cache", rows, {**extra, "dtype": str(on.dtype)})
+
+
+class _RoundedHead(TransformersBackend):
+    """The backend as it was before: option log-probs from logits in the model's own dtype."""
+
+    def _token_logprobs(self, hidden: Any, tokens: Any) -> Any:
+        import torch
+
+        head = self._base().get_output_embeddings()
+        return torch.log_softmax(head(hidden).float(), dim=-1).gather(1, tokens)
+
+
+async def bench_exact_labels(model: str, pairs: int, answer_tokens: int = 32) -> None:
+    """Debiased labels of the same pairs in float32 and in bfloat16: the largest difference."""
+    exact = TransformersBackend(model, dtype="float32")
+    items = await sample_pairs(exact, pairs, answer_tokens)
+    cons = constitution.load("default")
+
+    async def judge(backend: TransformersBackend) -> list[float]:
+        engine = CAIEngine(backend, cons)
+        found = await asyncio.gather(*(engine.compare(c, a, b, seed=i) for i, (c, a, b) in enumerate(items)))
+        return [r.p_a for r in found]
+
+    reference = await judge(exact)
+    await exact.close()
+    rows: list[dict[str, Any]] = []
+    for name, kind in (
+        ("bfloat16, LM head in float32 (ours)", TransformersBackend),
+        ("bfloat16, LM head in bfloat16 (before)", _RoundedHead),
+    ):
+        backend = kind(model, dtype="bfloat16")
+        found = await judge(backend)
+        await backend.close()
+        differences = sorted(abs(x - y) for x, y in zip(found, reference, strict=True))
+        rows.append(
+            {
+                "labels": name,
+                "pairs": len(items),
+                "max abs difference": differences[-1],
+                "mean abs difference": sum(differences) / len(differences),
+                "pairs within 0.01": f"{sum(d <= 0.01 for d in differences)}/{len(differences)}",
+            }
+        )
+    show(f"exact-labels: debiased labels bfloat16 vs float32 on {len(items)} pairs", rows)
+    save(
+        "exact-labels",
+        rows,
+        {"target": "max abs difference <= 0.01", "met": rows[0]["max abs difference"] <= 0.01},
+    )
 
 
 # ---- memory -------------------------------------------------------------------------------
@@ -239,7 +353,7 @@ def bench_memory(limit: int) -> None:
     save("memory", rows, {"target": "<= 2 GB peak RSS with the defaults"})
 
 
-FOUNDATION = ["batching", "judging", "memory"]
+FOUNDATION = ["batching", "judging", "prefix-cache", "exact-labels", "memory"]
 SERVICES = ["service-overhead", "grpc-vs-inprocess", "langchain-peer"]
 KAFKA = ["kafka-ceiling", "kafka-latency", "kafka-vs-inprocess"]
 
@@ -325,7 +439,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=FOUNDATION + SERVICES + KAFKA)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--pairs", type=int, default=16, help="judging and prefix-cache: pairs")
+    parser.add_argument("--label-pairs", type=int, default=64, help="exact-labels: pairs")
     parser.add_argument("--memory-limit", type=int, default=8)
     group = parser.add_argument_group("service benchmarks")
     group.add_argument("--callers", type=int, default=32, help="service-overhead: concurrent callers")
@@ -371,7 +486,13 @@ def main() -> None:
             asyncio.run(bench_batching(backend, args.requests, args.max_new_tokens))
         if "judging" in chosen:
             asyncio.run(bench_judging(backend, args.pairs))
-    run_services(args, [c for c in chosen if c in ("grpc-vs-inprocess", "langchain-peer")], model, backend)
+    if "prefix-cache" in chosen:
+        on = backend or TransformersBackend(model)
+        asyncio.run(bench_prefix_cache(on, TransformersBackend(model, prefix_cache=False), args.pairs))
+    if "exact-labels" in chosen:
+        asyncio.run(bench_exact_labels(model, args.label_pairs))
+    if {"grpc-vs-inprocess", "langchain-peer"} & set(chosen):  # imports the services: only when asked
+        run_services(args, [c for c in chosen if c in ("grpc-vs-inprocess", "langchain-peer")], model, backend)
     if "kafka-vs-inprocess" in chosen:
         run_kafka(args, ["kafka-vs-inprocess"], backend)
 

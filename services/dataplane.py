@@ -4,6 +4,7 @@ the same errors (naming the same fields) and the same metric (`cai_operations_to
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
@@ -65,7 +66,7 @@ def check_sampling(params: SamplingParams, limits: Limits, field: str = "paramet
 
 
 class _Plane:
-    """Counts each operation by its outcome: ok, or the name of the error that ended it."""
+    """Counts each operation by its outcome: ok, cancelled, or the name of the error that ended it."""
 
     def __init__(self, count: Callable[[str, str], None] | None):
         self.count = count or (lambda operation, outcome: None)
@@ -77,6 +78,9 @@ class _Plane:
             yield
         except CAIError as exc:
             outcome = type(exc).__name__
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away
+            outcome = "cancelled"
             raise
         except BaseException:
             outcome = "error"

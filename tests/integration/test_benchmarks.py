@@ -32,3 +32,17 @@ async def test_batching_benchmark_runs(backend, results):
 async def test_judging_benchmark_runs(backend, results):
     await run.bench_judging(backend, pairs=2, answer_tokens=8, rationale_tokens=8)
     assert len(rows(results, "judging")) == 3
+
+
+async def test_prefix_cache_benchmark_runs(backend, default_model, results):
+    from cai.backends.transformers import TransformersBackend
+
+    off = TransformersBackend(default_model, device="cpu", dtype="float32", prefix_cache=False)
+    await run.bench_prefix_cache(backend, off, pairs=2)
+    await off.close()
+    assert [r["prefix cache"] for r in rows(results, "prefix-cache")] == ["off", "on"]
+
+
+async def test_exact_labels_benchmark_runs(default_model, results):
+    await run.bench_exact_labels(default_model, pairs=2, answer_tokens=8)
+    assert len(rows(results, "exact-labels")) == 2
