@@ -146,6 +146,8 @@ def encode(tokenizer: Any, prompt: Conversation, completion: Conversation, max_l
     # holds its special tokens.
     p = list(tokenizer(head, add_special_tokens=False)["input_ids"])
     c = list(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    if not c:  # nothing to learn, and an sft step's token mean would divide by zero
+        raise InvalidArgument("completion: it renders to no tokens")
     truncated = len(p) + len(c) > max_length
     if truncated:
         if len(p) > max_length // 2:

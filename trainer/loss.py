@@ -20,12 +20,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # label of tokens that do not count: the prompt and the padding
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of each sequence's completion tokens, and how many there are.
+    """Summed log-prob of each sequence's completion tokens, and how many there are, from the
+    logits of every position: the straightforward computation, which `completion_logps` must
+    equal (the tests compare them).
 
     `logits[:, t]` predicts token t + 1; `labels` are the input ids with IGNORE on the prompt and
     the padding, so only completion tokens count.
@@ -37,6 +40,63 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE, reduction="none"
     )
     return token_logps.sum(-1), (targets != IGNORE).sum(-1)
+
+
+LOGP_CHUNK = 512  # completion positions per LM-head chunk: 512 x 49,152 float32 logits = 96 MiB
+
+
+def _chunk_logps(
+    states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    softcap: float | None,
+) -> torch.Tensor:
+    logits = F.linear(states.float(), weight, bias)
+    if softcap:  # models such as Gemma 2 squash their logits; their log-probs are of these
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def completion_logps(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk: int = LOGP_CHUNK,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `sequence_logps` gives, from the last hidden states ([batch, length, hidden]) and the
+    LM head's `weight` (and `bias`) instead of the logits, without ever holding the logits of
+    every position: only the positions that predict a completion token are projected, `chunk` of
+    them at a time, in float32.
+
+    With gradients on, each chunk runs under activation checkpointing: autograd would otherwise
+    keep every chunk's float32 log-softmax for the backward pass, which is the full
+    completion-by-vocabulary table again. The backward pass recomputes one chunk at a time
+    instead (one more LM-head product over the completion tokens), so the memory the head needs
+    is about chunk x vocabulary whatever the sequence length.
+    """
+    targets = labels[:, 1:]
+    counted = targets != IGNORE
+    rows = counted.nonzero()[:, 0]  # the sequence of each completion token, in order
+    states = hidden[:, :-1][counted]  # [completion tokens, hidden]: the prompts are dropped here
+    tokens = targets[counted]
+    weight = weight.float()  # a no-op in float32; else one float32 copy of the head for all chunks
+    bias = bias.float() if bias is not None else None
+    track = torch.is_grad_enabled() and (states.requires_grad or weight.requires_grad)
+    parts = []
+    for start in range(0, len(tokens), chunk):
+        args = (states[start : start + chunk], weight, bias, tokens[start : start + chunk], softcap)
+        if track:
+            # No random numbers are drawn in a chunk, so there is no RNG state to keep.
+            part = checkpoint(_chunk_logps, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            part = _chunk_logps(*args)
+        parts.append(part)
+    token_logps = torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(len(labels), dtype=torch.float32, device=hidden.device)
+    return sums.index_add(0, rows, token_logps), counted.sum(-1)
 
 
 @dataclass

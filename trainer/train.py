@@ -32,7 +32,7 @@ from cai.records import PolicyVersion, TrainingSample
 from trainer.checkpoint import latest_valid, prune, rng_state, set_rng_state, write_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import Encoded, Source, collate, encode
-from trainer.loss import DPOOutput, sequence_logps, soft_dpo_loss
+from trainer.loss import LOGP_CHUNK, DPOOutput, completion_logps, soft_dpo_loss
 
 log = logging.getLogger("cai.trainer")
 
@@ -139,6 +139,10 @@ class Trainer:
         self.stale = 0
         self.truncated = 0
         self._unknown_versions: set[str] = set()
+        # A run folder's samples come round again every epoch: their tokens are kept, by the
+        # sample's file:line, so each is tokenized once per run. A stream's are not kept.
+        self._encodings: dict[str, list[Encoded]] | None = {} if self.source.size is not None else None
+        self.logp_chunk = LOGP_CHUNK
         self._build_model()
         self.resumed_from: int | None = None
         if (folder := latest_valid(self.out)) is not None:
@@ -265,11 +269,12 @@ class Trainer:
         current = version_index(self.policy_version) or 0
         return max(0, current - index)
 
-    def _take(self) -> tuple[list[TrainingSample], int]:
-        """The next step's samples, skipping ids already trained in this epoch, and the number
-        of samples dropped for being of a policy more than `max_staleness` versions old. Nothing
-        is recorded as trained yet: a step cut short by a stop is not trained."""
+    def _take(self) -> tuple[list[TrainingSample], list[list[Encoded]], int]:
+        """The next step's samples, skipping ids already trained in this epoch, their tokens, and
+        the number of samples dropped for being of a policy more than `max_staleness` versions
+        old. Nothing is recorded as trained yet: a step cut short by a stop is not trained."""
         taken: list[TrainingSample] = []
+        encoded: list[list[Encoded]] = []
         ids: set[str] = set()
         stale = 0
         limit = self.config.max_staleness
@@ -289,28 +294,39 @@ class Trainer:
                 continue
             ids.add(sample.sample_id)
             taken.append(sample)
-        return taken, stale
+            encoded.append(self._encode(sample))
+        return taken, encoded, stale
 
     def _encode(self, sample: TrainingSample) -> list[Encoded]:
+        """The sample's completions tokenized, once: when the sample is taken from the source."""
+        if self._encodings is not None and sample.where in self._encodings:
+            return self._encodings[sample.where]
         max_length = self.config.max_length
-        encoded = [encode(self.tokenizer, sample.prompt, c, max_length) for c in sample.completions]
-        self.truncated += sum(e.truncated for e in encoded)
+        try:
+            encoded = [encode(self.tokenizer, sample.prompt, c, max_length) for c in sample.completions]
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{sample.where}: sample {sample.sample_id}: {exc}") from exc
+        if self._encodings is not None:
+            self._encodings[sample.where] = encoded
         return encoded
 
     def _logps(self, model: Any, items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed completion log-probs of each item, and their token counts, from the decoder's
+        last hidden states with the LM head applied to the completion positions only, in chunks
+        (trainer/loss.py `completion_logps`): the logits of every position, a float32
+        vocabulary-wide row per token kept for the backward pass, were most of a step's memory."""
         batch = collate(items, self.pad_id).to(self.device)
-        # Logits only from the position that predicts the first completion token on: the LM head
-        # over the prompts (a vocabulary-wide row per token, in the forward and the backward pass)
-        # would be most of the step's memory and much of its time.
-        start = min(e.prompt_len for e in items) - 1
-        keep = batch.input_ids.shape[1] - start
-        logits = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            use_cache=False,
-            logits_to_keep=keep,
-        ).logits
-        return sequence_logps(logits, batch.labels[:, start:])
+        # A PeftModel's LoRA layers sit inside the base model's modules, so its decoder runs
+        # them (and `disable_adapter()` switches them off) as the PeftModel's forward would.
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = causal.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise InvalidArgument(f"model: its LM head is a {type(head).__name__}, not a linear layer")
+        hidden = causal.get_decoder()(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+        softcap = getattr(causal.config, "final_logit_softcapping", None)
+        return completion_logps(hidden, batch.labels, head.weight, head.bias, self.logp_chunk, softcap)
 
     def _reference_logps(self, items: list[Encoded]) -> torch.Tensor:
         with torch.no_grad():
@@ -321,10 +337,10 @@ class Trainer:
             with self.model.disable_adapter():
                 return self._logps(self.model, items)[0]
 
-    def _optimizer_step(self, samples: list[TrainingSample]) -> dict[str, Any]:
+    def _optimizer_step(self, samples: list[TrainingSample], encoded: list[list[Encoded]]) -> dict[str, Any]:
         c = self.config
         started = time.perf_counter()
-        encoded = [self._encode(s) for s in samples]
+        self.truncated += sum(e.truncated for pair in encoded for e in pair)
         size = c.micro_batch_size
         micro = [range(i, min(i + size, len(samples))) for i in range(0, len(samples), size)]
         metrics: dict[str, Any] = {}
@@ -473,7 +489,7 @@ class Trainer:
         self.samples_seen = 0
         with self._sigterm(), (self.out / "log.jsonl").open("a", encoding="utf-8") as log_file:
             while (self.total_steps is None or self.step < self.total_steps) and not self.stop_requested:
-                samples, stale = self._take()
+                samples, encoded, stale = self._take()
                 if not samples or (self.stop_requested and len(samples) < c.samples_per_step):
                     # Exhausted, or stopped while waiting for a stream: samples taken for an
                     # unfinished step are not trained, and the checkpoint resumes before them.
@@ -481,7 +497,7 @@ class Trainer:
                 self._source_state = self.source.state()
                 self.trained_ids.update(s.sample_id for s in samples)
                 self.stale += stale
-                last = self._optimizer_step(samples)
+                last = self._optimizer_step(samples, encoded)
                 if self.step % c.log_every == 0 or self.step == self.total_steps:
                     log_file.write(json.dumps({**last, "elapsed_s": round(time.time() - started, 3)}) + "\n")
                     log_file.flush()

@@ -127,33 +127,6 @@ def test_online_dpo_needs_a_stream_and_lora(tmp_path):
         TrainConfig.from_dict({"max_staleness": -1})
 
 
-def test_completion_logits_only_give_the_full_sequence_logps(tiny_model, tmp_path):
-    # _logps computes the LM head from the first completion position on; the sums must equal
-    # those of the whole sequence's logits, for prompts of different lengths in one batch.
-    import torch
-
-    from trainer.data import collate, encode
-    from trainer.loss import sequence_logps
-
-    trainer = Trainer(online_config(tiny_model, tmp_path / "out"), MemorySource(queue.Queue(), lambda: True))
-    long = [
-        {"role": "user", "content": "A much longer question, with many more words in it, than the other?"}
-    ]
-    items = [
-        encode(trainer.tokenizer, s.prompt, s.completions[0], 256)
-        for s in (sample(1, "base"), sample(2, "base"))
-    ] + [encode(trainer.tokenizer, long, [{"role": "assistant", "content": "Yes."}], 256)]
-    assert len({e.prompt_len for e in items}) > 1
-    with torch.no_grad():
-        fast, counts = trainer._logps(trainer.model, items)
-        batch = collate(items, trainer.pad_id)
-        full = trainer.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        expected, expected_counts = sequence_logps(full, batch.labels)
-    assert torch.equal(counts, expected_counts)
-    assert torch.allclose(fast, expected, atol=1e-5)
-    trainer.close()
-
-
 def test_stream_records_become_samples():
     # revisions feed sft (prompt -> final revision), preferences feed dpo; bad ones are refused
     from cai.records import Preference, Revision
