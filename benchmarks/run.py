@@ -491,8 +491,9 @@ def main() -> None:
         asyncio.run(bench_prefix_cache(on, TransformersBackend(model, prefix_cache=False), args.pairs))
     if "exact-labels" in chosen:
         asyncio.run(bench_exact_labels(model, args.label_pairs))
-    if {"grpc-vs-inprocess", "langchain-peer"} & set(chosen):  # imports the services: only when asked
-        run_services(args, [c for c in chosen if c in ("grpc-vs-inprocess", "langchain-peer")], model, backend)
+    served = [c for c in chosen if c in ("grpc-vs-inprocess", "langchain-peer")]
+    if served:  # imports the services: only when asked for
+        run_services(args, served, model, backend)
     if "kafka-vs-inprocess" in chosen:
         run_kafka(args, ["kafka-vs-inprocess"], backend)
 
