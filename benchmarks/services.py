@@ -67,7 +67,7 @@ class Item:
 
 
 def items(count: int, principle_ids: list[str]) -> list[Item]:
-    prompts = [r.prompt for r in load_prompts(None) if r.category == "red-team"]
+    prompts = [r.text for r in load_prompts(None) if r.category == "red-team"]
     if count > len(prompts):
         raise SystemExit(f"at most {len(prompts)} items: that many red-team prompts are built in")
     return [

@@ -109,7 +109,7 @@ def cai(*args: str) -> subprocess.CompletedProcess:
 
 def write_prompts(path: Path) -> Path:
     path.write_text(
-        "".join(json.dumps({"id": p.id, "category": p.category, "prompt": p.prompt}) + "\n" for p in PROMPTS)
+        "".join(json.dumps({"id": p.id, "category": p.category, "prompt": p.text}) + "\n" for p in PROMPTS)
     )
     return path
 
@@ -194,7 +194,7 @@ async def test_cli_evaluates_a_running_policy_service(tiny_model, tmp_path):
     service = await start_service("policy", load_settings("policy", None, port=0, metrics_port=0), backend)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
-        "".join(json.dumps({"id": p.id, "category": p.category, "prompt": p.prompt}) + "\n" for p in PROMPTS)
+        "".join(json.dumps({"id": p.id, "category": p.category, "prompt": p.text}) + "\n" for p in PROMPTS)
     )
     out = tmp_path / "eval.json"
     try:
