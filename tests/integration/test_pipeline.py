@@ -57,12 +57,20 @@ async def test_samples_mode_is_rl_cai_and_the_same_seed_repeats_the_run(engine, 
     assert chain["initial"] in (pref["chosen"][0]["content"], pref["rejected"][0]["content"])
     assert pref["chosen_is_revision"] is None
     assert len(chain["steps"]) == 2 and len(pref["principle_ids"]) == 2
-    # same seed, same prompts: the same principles, samples, critiques and labels
+    # same seed, same prompts: the same ids, principles, samples and critiques, and the same labels
+    # up to float rounding (the second run reuses prefix states the first one computed)
     for name in ("sft.jsonl", "revisions.jsonl", "preferences.jsonl"):
         a, b = read(tmp_path / "a" / name), read(tmp_path / "b" / name)
+        labels = []
         for row in a + b:
             row.pop("created_at"), row.pop("run_id")
+            labels.append([row.pop(k, None) for k in ("p_chosen", "p_a")])
+            for label in row.pop("judgment", []):
+                labels[-1] += [label["p_a"], label["p_first_ab"]]
         assert a == b, name
+        half = len(labels) // 2
+        for x, y in zip(labels[:half], labels[half:], strict=True):
+            assert x == pytest.approx(y, abs=1e-5), name
 
 
 async def test_an_interrupted_run_keeps_the_prompts_it_finished(engine, tmp_path):
