@@ -6,10 +6,12 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from cai.backends.base import Backend, Completion, SamplingParams, WrappedBackend
 from cai.kafka.stream import StreamMetrics
@@ -69,11 +71,41 @@ class Metrics:
     def watch(self, backend: Backend) -> None:
         self.queue_depth.set_function(lambda: backend.queue_depth)
         backend.on_batch = self.batch_rows.observe
+        cache = getattr(backend, "prefix_cache", None)
+        if cache is not None:
+            self.registry.register(_PrefixCacheCollector(self.service, cache))
 
     def serve(self, host: str, port: int) -> int:
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         self.port = int(server.server_port)
         return self.port
+
+
+class _PrefixCacheCollector(Collector):
+    """The transformers backend's shared-prefix cache, read when Prometheus scrapes."""
+
+    def __init__(self, service: str, cache: Any):
+        self.service = service
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        lookups = CounterMetricFamily(
+            "cai_prefix_cache_lookups", "prompts that found (hit) or did not find (miss) a stored prefix",
+            labels=["service", "result"],
+        )  # fmt: skip
+        lookups.add_metric([self.service, "hit"], self.cache.hits)
+        lookups.add_metric([self.service, "miss"], self.cache.misses)
+        tokens = CounterMetricFamily(
+            "cai_prefix_cache_tokens", "prompt tokens reused from the cache or computed",
+            labels=["service", "kind"],
+        )  # fmt: skip
+        tokens.add_metric([self.service, "reused"], self.cache.reused_tokens)
+        tokens.add_metric([self.service, "computed"], self.cache.computed_tokens)
+        size = GaugeMetricFamily(
+            "cai_prefix_cache_bytes", "bytes of stored prefix states", labels=["service"]
+        )
+        size.add_metric([self.service], self.cache.bytes)
+        yield from (lookups, tokens, size)
 
 
 class MeteredBackend(WrappedBackend):

@@ -137,3 +137,19 @@ async def test_grpcurl_lists_services_and_calls_critique(model_stack):
         await run_grpcurl("-d", json.dumps(request), address, "cai.v1.CritiqueService/Critique")
     )
     assert reply["principle_id"] == "no-harm-to-others" and reply["critique"].strip()
+
+
+async def test_the_prefix_cache_is_on_the_metrics_port(model_clients, model_stack):
+    """Both orderings of a pair share the judge prompt's head, so judging counts prefix-cache hits."""
+    import urllib.request
+
+    await model_clients["judge"].compare(PROMPT, ANSWER[-1]["content"], KIND, judge_options(seed=1))
+    port = model_stack["policy"].metrics_port
+    text = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    )
+    hits = [
+        line for line in text.splitlines() if line.startswith('cai_prefix_cache_lookups_total{result="hit"')
+    ]
+    assert hits and float(hits[0].rsplit(" ", 1)[1]) > 0, text
+    assert "cai_prefix_cache_bytes{" in text
