@@ -38,7 +38,7 @@ async def test_prefix_cache_benchmark_runs(backend, default_model, results):
     from cai.backends.transformers import TransformersBackend
 
     off = TransformersBackend(default_model, device="cpu", dtype="float32", prefix_cache=False)
-    await run.bench_prefix_cache(backend, off, pairs=2)
+    await run.bench_prefix_cache(backend, off, pairs=2, rounds=1)
     await off.close()
     assert [r["prefix cache"] for r in rows(results, "prefix-cache")] == ["off", "on"]
 

@@ -57,6 +57,9 @@ def uncached(default_model):
 
 
 async def test_labels_agree_between_bfloat16_and_float32(default_model, backend):
+    # These four pairs agree within 0.01. Not every pair does: over 64 sampled pairs the largest
+    # difference was 0.015 (0.040 with the old bfloat16 head), see exact-labels in
+    # docs/benchmarks.md; what remains is the rounding inside the bfloat16 decoder layers.
     bf16 = TransformersBackend(default_model, device="cpu", dtype="bfloat16")
     exact, rounded = await labels(backend), await labels(bf16)
     await bf16.close()
