@@ -34,9 +34,9 @@ from cai.backends.transformers import TransformersBackend
 from cai.constitution import Conversation
 from cai.engine import CAIEngine
 from cai.pipeline import load_prompts
+from cai.records import ROLE_VALUES
 from cai.v1 import common_pb2, critique_pb2
 from services.client import AsyncClient, parameters
-from services.convert import ROLE_VALUES
 from services.server import RunningService, start_service
 from services.settings import load_settings
 
