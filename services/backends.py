@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+import httpx2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cai.backends.base import Backend, Completion, SamplingParams
+from cai.backends.base import Backend, Completion, SamplingParams, WrappedBackend
 from cai.constitution import Conversation
 from cai.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services import convert
@@ -14,6 +16,7 @@ from services.client import TLS, AsyncClient
 from services.settings import ServiceSettings
 
 KINDS = ("transformers", "tgi", "openai", "policy")
+POLICY_SERVICE = "cai.v1.PolicyService"
 
 
 def _status_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
@@ -35,6 +38,7 @@ class PolicyServiceBackend(Backend):
         self.address = address
         self.model_id = f"policy:{address}"
         self.client = AsyncClient(address, token=token, tls=tls)
+        self.health = health_pb2_grpc.HealthStub(self.client.channel)
 
     async def start(self) -> None:
         try:
@@ -43,6 +47,18 @@ class PolicyServiceBackend(Backend):
             raise _status_error(exc, self.address) from None
         self.model_id = info.model_id
         self.policy_version = info.policy_version
+
+    async def ready(self, timeout: float) -> str | None:
+        """None when the policy service reports SERVING (its health check), else why not."""
+        request = health_pb2.HealthCheckRequest(service=POLICY_SERVICE)
+        try:
+            reply = await self.health.Check(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            return f"policy service {self.address}: {exc.code().name}: {exc.details()}"
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            return f"policy service {self.address} reports {status}"
+        return None
 
     async def render(self, messages: Conversation) -> str:
         try:
@@ -82,6 +98,30 @@ class PolicyServiceBackend(Backend):
 
     async def close(self) -> None:
         await self.client.close()
+
+
+async def readiness(backend: Backend, timeout: float) -> str | None:
+    """None when `backend` can answer now, else why not. An in-process model is ready once loaded;
+    a remote engine or policy service is asked, within `timeout` seconds."""
+    while isinstance(backend, WrappedBackend):
+        backend = backend.inner
+    if isinstance(backend, PolicyServiceBackend):
+        return await backend.ready(timeout)
+    url = getattr(backend, "url", None)
+    if backend.kind not in ("tgi", "openai") or url is None:
+        return None
+    # TGI answers /health once its model is loaded; an OpenAI-compatible server lists its models.
+    path, secret = ("/health", "token") if backend.kind == "tgi" else ("/v1/models", "api_key")
+    key = getattr(backend, secret, None)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        async with httpx2.AsyncClient(timeout=timeout) as http:
+            response = await http.get(f"{url}{path}", headers=headers)
+    except httpx2.HTTPError as exc:
+        return f"{backend.kind} server {url}: {type(exc).__name__}: {exc}"
+    if not response.is_success:
+        return f"{backend.kind} server {url}: GET {path} answered {response.status_code}"
+    return None
 
 
 def make_backend(spec: str, settings: ServiceSettings) -> Backend:

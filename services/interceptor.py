@@ -69,9 +69,20 @@ class Auth:
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics, auth: Auth):
+    """`not_started` says why the backend cannot take calls yet (None once it can): until then
+    every RPC but health and reflection fails UNAVAILABLE with that reason, after the auth check."""
+
+    def __init__(self, metrics: Metrics, auth: Auth, not_started: Callable[[], str | None] = lambda: None):
         self.metrics = metrics
         self.auth = auth
+        self.not_started = not_started
+
+    def check(self, method: str, metadata: Any) -> None:
+        self.auth.check(method, metadata)
+        if method.startswith(OPEN_PREFIXES):
+            return
+        if (reason := self.not_started()) is not None:
+            raise errors.Unavailable(reason)
 
     async def intercept_service(
         self,
@@ -83,7 +94,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method
         metadata = details.invocation_metadata
-        check = self.auth.check
+        check = self.check
         watch = self._watch
         if handler.unary_unary is not None:
             inner = handler.unary_unary

@@ -72,7 +72,20 @@ class ServiceSettings(BaseSettings):
     kafka_commit_interval_s: float = Field(
         0.5, gt=0, description="seconds between offset commits (a crash replays up to this much work)"
     )
-    grace_s: float = Field(30.0, ge=0, description="seconds in-flight calls get to finish on SIGTERM")
+    drain_s: float = Field(
+        5.0,
+        ge=0,
+        description="seconds the service reports NOT_SERVING on SIGTERM while it still answers calls, "
+        "so load balancers move away before it stops taking them",
+    )
+    grace_s: float = Field(
+        30.0, ge=0, description="seconds in-flight calls get to finish on SIGTERM, after drain_s"
+    )
+    health_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="seconds between checks that the backend can answer; the health status follows",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     # Set by `load_settings`: the YAML file, read after the flags and the environment.

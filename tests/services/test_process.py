@@ -48,6 +48,7 @@ async def test_sigterm_lets_the_call_in_flight_finish_refuses_new_ones_and_exits
         "CAI_POLICY_PORT": str(port),
         "CAI_POLICY_METRICS_PORT": "0",
         "CAI_POLICY_GRACE_S": "120",
+        "CAI_POLICY_DRAIN_S": "0",  # no drain: new calls are refused at once (the drain has its own test)
     }
     log = (tmp_path / "policy.log").open("w+")
     server = await asyncio.create_subprocess_exec(
