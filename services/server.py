@@ -215,6 +215,7 @@ async def start_service(
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a port already in use is an error, not silently shared
         ],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,  # bounds the memory calls hold
     )
     plane: PolicyPlane | CritiquePlane | JudgePlane
     if isinstance(settings, PolicySettings):

@@ -50,6 +50,9 @@ class ServiceSettings(BaseSettings):
     max_n: int = Field(8, ge=1, description="most completions per Generate and responses per Rank")
     max_rounds: int = Field(4, ge=1, description="most critique/revision rounds per call")
     max_batch: int = Field(64, ge=1, description="most comparisons per CompareBatch")
+    max_concurrent_rpcs: int = Field(
+        512, ge=1, description="calls served at once (health checks included); more get RESOURCE_EXHAUSTED"
+    )
     max_message_bytes: int = Field(4 << 20, ge=1024, description="largest request or response message")
     token: SecretStr | None = Field(None, description="bearer token for every RPC; unset: no auth")
     read_token: SecretStr | None = Field(None, description="bearer token for read-only RPCs only")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -58,3 +60,13 @@ async def wait_status(address: str, service: str, want: int, timeout: float = 30
         f"health of {service or 'the server'} at {address} did not become {name(want)} "
         f"within {timeout} s (saw {seen})"
     )
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Wait until `condition()` holds; fail naming `what` after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        await asyncio.sleep(0.05)
