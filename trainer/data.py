@@ -16,6 +16,8 @@ the model learns to stop. Only completion tokens count in the losses.
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -113,6 +115,45 @@ class FileSource:
 
     def close(self) -> None:
         pass
+
+
+class RecentIds:
+    """The ids of the last `capacity` samples trained, oldest forgotten first: the trainer's
+    de-duplication state, bounded so that a stream that runs for weeks keeps a flat checkpoint.
+
+    Sample ids are deterministic (derived from the input record), so a record replayed after a
+    stage crash carries the id it had before, and it arrives soon after the original: within the
+    records the stage had not committed, not millions of records later. A window of the most
+    recent ids, counted in samples like the source's offsets, catches those replays and keeps
+    the same state after a resume however long the trainer was down, which a wall-clock window
+    would not."""
+
+    def __init__(self, capacity: int, ids: Iterable[str] = ()):
+        if capacity < 1:
+            raise InvalidArgument(f"capacity: must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self.update(ids)
+
+    def __contains__(self, sample_id: object) -> bool:
+        return sample_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self) -> Iterator[str]:
+        """Oldest first: the order a checkpoint stores and a resume restores."""
+        return iter(self._ids)
+
+    def update(self, ids: Iterable[str]) -> None:
+        for sample_id in ids:
+            self._ids[sample_id] = None
+            self._ids.move_to_end(sample_id)
+            if len(self._ids) > self.capacity:
+                self._ids.popitem(last=False)
+
+    def clear(self) -> None:
+        self._ids.clear()
 
 
 # ---- tokenizing and batching --------------------------------------------------------------------

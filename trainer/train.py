@@ -31,7 +31,7 @@ from cai.policy_versions import pack_adapter, version_index, version_name
 from cai.records import PolicyVersion, TrainingSample
 from trainer.checkpoint import latest_valid, prune, rng_state, set_rng_state, write_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import Encoded, Source, collate, encode
+from trainer.data import Encoded, RecentIds, Source, collate, encode
 from trainer.loss import LOGP_CHUNK, DPOOutput, completion_logps, soft_dpo_loss
 
 log = logging.getLogger("cai.trainer")
@@ -55,7 +55,7 @@ class TrainResult:
     resumed_from: int | None  # the step of the checkpoint this run started from
     stopped: bool  # by SIGTERM, after writing a checkpoint
     samples: int  # samples trained on in this run
-    duplicates: int  # samples skipped because their id was already trained this epoch
+    duplicates: int  # samples skipped because their id was trained recently (see Trainer.dedupe_window)
     stale: int  # samples dropped because their policy version was too old (whole run)
     truncated: int  # sequences cut to max_length
     duration_s: float
@@ -103,7 +103,13 @@ class Trainer:
     told of the new version.
 
     The trainer owns `source` and `publishers` from here on: `close()` closes them, and so does a
-    constructor that fails. trainer/io.py builds them from the config for the entry points."""
+    constructor that fails. trainer/io.py builds them from the config for the entry points.
+
+    A sample whose id was trained recently is skipped: in the current epoch of a run folder, or
+    among the last `dedupe_window` samples of a stream (trainer/data.py `RecentIds`), so the
+    de-duplication state in every checkpoint stops growing once the window is full."""
+
+    dedupe_window = 100_000  # samples; a stream's replayed records arrive far sooner than this
 
     def __init__(
         self,
@@ -133,7 +139,9 @@ class Trainer:
             self.total_steps = math.ceil(self.source.size * config.epochs / config.samples_per_step)
         self._source_state = self.source.state()  # where the last whole step's samples end
         self.step = 0
-        self.trained_ids: set[str] = set()  # de-duplication: ids trained in the current epoch
+        # De-duplication: ids trained in the current epoch, at most the window's worth (a run
+        # folder's epoch is kept whole, however large).
+        self.trained_ids = RecentIds(max(self.dedupe_window, self.source.size or 0))
         self.samples_seen = 0
         self.duplicates = 0
         self.stale = 0
@@ -236,7 +244,8 @@ class Trainer:
         self.source.restore(state["source_state"])
         self._source_state = state["source_state"]
         self.step = state["step"]
-        self.trained_ids = set(state["trained_ids"])
+        self.trained_ids.clear()
+        self.trained_ids.update(state["trained_ids"])  # oldest first
         self.stale = state.get("stale", 0)
         self.resumed_from = self.step
         self._truncate_log()
@@ -424,7 +433,7 @@ class Trainer:
             state = {
                 "step": self.step,
                 "source_state": self._source_state,
-                "trained_ids": sorted(self.trained_ids),
+                "trained_ids": list(self.trained_ids),  # oldest first
                 "stale": self.stale,
                 "config": self.config.to_dict(),
             }

@@ -3,7 +3,9 @@ tiny random model (what it learns does not matter here, which samples it learns 
 
 from __future__ import annotations
 
+import json
 import queue
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from cai.errors import InvalidArgument
 from cai.policy_versions import fetch_adapter, version_index
 from cai.records import PolicyVersion, TrainingSample
+from trainer.checkpoint import checkpoints
 from trainer.config import TrainConfig
 from trainer.streams import MemorySource
 from trainer.train import Trainer
@@ -161,3 +164,37 @@ def test_stream_records_become_samples():
         )
     with pytest.raises(InvalidArgument, match="sample_id"):
         Revision.of_proto(records_pb2.RevisionRecord(prompt=prompt, initial="x", final="x"))
+
+
+class SmallWindow(Trainer):
+    dedupe_window = 6  # samples: small, so a short run fills it
+
+
+def test_a_long_stream_keeps_a_flat_checkpoint_and_still_drops_recent_replays(tiny_model, tmp_path):
+    feed: queue.Queue[TrainingSample | None] = queue.Queue()
+    order = [*range(12), 10, *range(12, 40), 0]  # s10 replayed soon after, s0 long after
+    for i in order:
+        feed.put(replace(sample(i, "base"), sample_id=f"s{i:04d}"))
+    feed.put(None)
+    config = online_config(
+        tiny_model,
+        tmp_path / "out",
+        max_steps=100,
+        max_staleness=None,
+        publish_every=1000,
+        checkpoint_every=1,
+        keep_checkpoints=100,
+    )
+    trainer = SmallWindow(config, MemorySource(feed, lambda: False))
+    trained: list[str] = []
+    result = trainer.train(lambda step: trained.extend(step.sample_ids))
+    trainer.close()
+    # the replay inside the window is dropped; s0, seen 40 samples earlier, is trained again
+    assert result.duplicates == 1 and trained.count("s0010") == 1 and trained.count("s0000") == 2
+    folders = [folder for _, folder in sorted(checkpoints(Path(config.output_dir)))]
+    states = [json.loads((folder / "state.json").read_text()) for folder in folders]
+    assert [len(s["trained_ids"]) for s in states[:3]] == [2, 4, 6]
+    assert all(len(s["trained_ids"]) == 6 for s in states[3:])
+    assert states[-1]["trained_ids"][-1] == "s0000"  # oldest first, the newest last
+    sizes = {len(json.dumps(s["trained_ids"])) for s in states[3:]}
+    assert len(sizes) == 1  # flat once the window is full, however long the run
