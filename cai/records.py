@@ -172,6 +172,12 @@ class Meta:
     def of_proto(cls, message: common_pb2.SampleMetadata, where: str = "metadata") -> Meta:
         if not message.sample_id:
             raise InvalidArgument(f"{where}.sample_id: must not be empty")
+        created = datetime.now(UTC)
+        if message.HasField("created_at"):
+            try:
+                created = message.created_at.ToDatetime(UTC)
+            except ValueError as exc:  # seconds or nanos out of the Timestamp's range
+                raise InvalidArgument(f"{where}.created_at: {exc}") from None
         return cls(
             message.sample_id,
             message.prompt_id,
@@ -181,7 +187,7 @@ class Meta:
             message.constitution_hash,
             tuple(message.principle_ids),
             tuple(message.model_ids),
-            message.created_at.ToDatetime(UTC) if message.HasField("created_at") else datetime.now(UTC),
+            created,
         )
 
     def row(self, prompt: Prompt, run_id: str, constitution_version: str) -> dict[str, Any]:

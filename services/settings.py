@@ -70,7 +70,10 @@ class ServiceSettings(BaseSettings):
         8, ge=1, description="records per partition processed at once (as many more are held waiting)"
     )
     kafka_max_attempts: int = Field(
-        3, ge=1, description="tries per record before it goes to the dead-letter topic"
+        3,
+        ge=1,
+        description="tries of a record that keeps failing before it goes to the dead-letter topic "
+        "(an unavailable or busy backend is retried until it answers)",
     )
     kafka_commit_interval_s: float = Field(
         0.5, gt=0, description="seconds between offset commits (a crash replays up to this much work)"

@@ -104,7 +104,7 @@ class KafkaSource:
                 else:
                     record = Preference.of_proto(records.decode(records_pb2.PreferenceRecord, value, headers))
                 sample: TrainingSample | None = TrainingSample.of(record, where)
-            except CAIError as exc:
+            except Exception as exc:  # a record that cannot be read must not stop training for good
                 self._dead_letter(message, exc)
                 sample = None
             # Handed out (or dead-lettered): the checkpoint after this step resumes past it.
@@ -113,10 +113,13 @@ class KafkaSource:
                 return sample
         return None
 
-    def _dead_letter(self, message: Any, exc: CAIError) -> None:
-        """A record the trainer cannot read goes to `<topic>.dlq`, written before its offset moves."""
+    def _dead_letter(self, message: Any, exc: Exception) -> None:
+        """A record the trainer cannot read goes to `<topic>.dlq`, written before its offset moves.
+        Any error counts, not only the record model's own: a restarted trainer would meet the same
+        record at the same offset again and again."""
+        error = str(exc) if isinstance(exc, CAIError) else f"{type(exc).__name__}: {exc}"
         headers = [
-            ("error", str(exc).encode()[:4096]),
+            ("error", error.encode()[:4096]),
             ("stage", b"trainer"),
             ("original-topic", message.topic().encode()),
             ("original-partition", str(message.partition()).encode()),

@@ -5,8 +5,11 @@ Order of a record's life, and why:
 1. polled and queued for its partition, which processes `max_in_flight` records at once; a
    partition with as many more waiting is paused, so memory stays bounded however far behind the
    stage is;
-2. decoded and processed, with retries for transient errors; a record that cannot be decoded or
-   processed goes to `<topic>.dlq` with headers saying what went wrong, and counts as done;
+2. decoded and processed, with retries; a record that cannot be decoded or processed goes to
+   `<topic>.dlq` with headers saying what went wrong, and counts as done. An error that is not
+   the record's fault (the backend unavailable or its queue full, the broker not taking the
+   output) is retried until it passes, however long that takes, never dead-lettered: a valid
+   record waits out an outage instead of being lost to the dead-letter topic;
 3. its outputs are produced (idempotent producer, acks=all) and acknowledged by the broker;
 4. only then is it done, and the partition's committed offset moves up to the first record that is
    not done. A crash therefore replays records whose outputs may already exist: their sample ids
@@ -26,7 +29,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from cai.errors import CAIError, InvalidArgument, NotFound, Unavailable
+from cai.errors import CAIError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from cai.kafka import client, records
 from cai.kafka.topics import dlq
 
@@ -35,6 +38,17 @@ log = logging.getLogger("cai.stream")
 Output = tuple[str, str, Message]  # topic, key, value
 Processor = Callable[[Any], Awaitable[list[Output]]]
 PERMANENT = (InvalidArgument, NotFound)  # retrying cannot help: dead-letter at once
+MAX_BACKOFF_S = 30.0  # the longest pause between two tries of one record
+
+
+def transient(exc: Exception) -> bool:
+    """Not the record's fault, so retried without limit: the backend is unavailable or busy, or
+    the broker did not take the output (a record too large for it excepted)."""
+    if isinstance(exc, (Unavailable, ResourceExhausted)):
+        return True
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE and not exc.args[0].fatal()
+    return False
 
 
 class StreamMetrics:
@@ -64,7 +78,7 @@ class StreamSettings:
     group: str
     input_topic: str
     max_in_flight: int = 8  # records per partition processed at once (as many more wait their turn)
-    max_attempts: int = 3
+    max_attempts: int = 3  # tries of a record that keeps failing for a reason of its own
     retry_backoff_s: float = 1.0
     drain_s: float = 30.0  # on shutdown, how long in-flight records get to finish
     commit_interval_s: float = 0.5  # a crash replays at most about this long's worth of done records
@@ -285,7 +299,9 @@ class StreamStage:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if isinstance(exc, PERMANENT) or attempt >= self.settings.max_attempts:
+                if isinstance(exc, PERMANENT) or (
+                    attempt >= self.settings.max_attempts and not transient(exc)
+                ):
                     await self._dead_letter(item, exc, attempt)
                     break
                 self._count("retried")
@@ -300,7 +316,7 @@ class StreamStage:
                         }
                     },
                 )
-                await asyncio.sleep(self.settings.retry_backoff_s * attempt)
+                await asyncio.sleep(min(self.settings.retry_backoff_s * attempt, MAX_BACKOFF_S))
 
     def _count(self, outcome: str) -> None:
         self.counts[outcome] += 1
