@@ -83,6 +83,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the process that started it dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 # --- PKI ------------------------------------------------------------------------------------------
 
 
@@ -359,18 +369,20 @@ class ControlPlane:
 
     def stop(self) -> None:
         """SIGTERM every component by pid, newest first; SIGKILL what is left after 15 seconds."""
-        for component in reversed(self.components):
-            if component.process and component.process.poll() is None:
-                component.process.terminate()
-        for component in reversed(self.components):
-            if component.process is None:
-                continue
-            try:
-                component.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                component.process.kill()
-                component.process.wait(timeout=15)
-        self.components.clear()
+        running = [c.process for c in reversed(self.components) if c.process and c.process.poll() is None]
+        try:
+            for process in running:
+                process.terminate()
+            deadline = time.monotonic() + 15
+            for process in running:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        finally:  # also when interrupted: nothing is left running
+            for process in running:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=15)
+            self.components.clear()
 
     def __enter__(self) -> ControlPlane:
         self.start()
@@ -489,6 +501,7 @@ class ControlPlane:
                 stdin=subprocess.DEVNULL,
                 cwd=self.workdir,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         self.components.append(component)
         deadline = time.monotonic() + timeout_s
@@ -640,10 +653,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             nonlocal stop
             stop = True
 
+        # Ctrl-C or SIGTERM end the wait; a second one does not cut the shutdown short.
+        signal.signal(signal.SIGINT, interrupted)
         signal.signal(signal.SIGTERM, interrupted)
-        with contextlib.suppress(KeyboardInterrupt):
-            while not stop and all(c.process and c.process.poll() is None for c in plane.components):
-                time.sleep(1)
+        while not stop and all(c.process and c.process.poll() is None for c in plane.components):
+            time.sleep(0.5)
+        print("stopping the control plane", flush=True)
         dead = [c.name for c in plane.components if c.process and c.process.poll() is not None]
         if dead:
             print(
