@@ -56,12 +56,19 @@ def producer_config(
 def consumer_config(
     bootstrap: str, client_id: str, group: str, extra: Mapping[str, Any] | None = None
 ) -> Config:
-    """A consumer in `group` that commits only explicitly and starts at the earliest record."""
+    """A consumer in `group` that commits only explicitly and starts at the earliest record.
+
+    A member that dies without leaving (SIGKILL, a lost node) keeps its partitions until its
+    session times out, so the session is 10 s, not librdkafka's 45 s: a killed stage's partitions
+    move to its replacement about that much sooner. Heartbeats come from librdkafka's own thread,
+    so a slow record does not end a session."""
     return {
         **client_config(bootstrap, client_id),
         "group.id": group,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 3_000,
         **(extra or {}),
     }
 
