@@ -283,7 +283,7 @@ async def generate_answers(
 async def adapter_loaded(backend: Backend, adapter: str | Path) -> AsyncIterator[None]:
     """Serve `backend` with a peft LoRA adapter inside the block, and without it again after.
 
-    The adapter is loaded between batches (`TransformersBackend.swap`) and unloaded, not merged, so
+    The adapter is loaded once no rows are running (`TransformersBackend.swap`) and unloaded, not merged, so
     the base weights are untouched and the same backend can serve as baseline and judge.
     """
     from peft import PeftModel

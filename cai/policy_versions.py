@@ -1,5 +1,5 @@
 """Policy versions: the trainer packs its adapter into one archive, hashes it and announces it;
-the policy service fetches the archive, checks the hash and loads it between batches.
+the policy service fetches the archive, checks the hash and serves it from its next decode step.
 
 A version is named `v<N>` with N = step / publish_every, so a trainer that resumes from a
 checkpoint and trains the same steps again publishes the same names (a service that already

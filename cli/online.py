@@ -2,9 +2,9 @@
 
 The policy answers prompts, the feedback model (the base weights, never trained) critiques,
 revises and judges, each finished pair goes to the trainer through an in-process queue, and every
-`publish_every` steps the trainer publishes its adapter, which the policy loads between batches
-(the same archive, hash check and swap as the services). Generation and training run at the same
-time, so pairs from a policy a version or two old are trained; older ones are dropped
+`publish_every` steps the trainer publishes its adapter, which the policy serves from its next
+decode step (the same archive, hash check and adapter load as the services). Generation and
+training run at the same time, so pairs from a policy a version or two old are trained; older ones are dropped
 (`max_staleness`). The prompts are answered round after round, each round with new seeds, until
 the trainer has done its steps, and at least once each (so the run folder holds every prompt's
 pair, as without training). Before and after, `cai eval` measures the policy against the base

@@ -1,7 +1,8 @@
 """The policy service follows the trainer: every record on the policy-versions topic names an
-adapter archive and its sha256; the service fetches it, checks the hash and loads it between
-batches (`TransformersBackend.load_adapter`). From then on its completions, and the rollouts of
-its stream stage, carry the new version.
+adapter archive and its sha256; the service fetches it, checks the hash and loads it at the
+next decode step (`TransformersBackend.load_adapter`; running generations finish on the version
+they started with). From then on its new completions, and the rollouts of its stream stage,
+carry the new version.
 
 On start the service loads the newest version already published, so a restarted replica serves
 what the others serve. A version that cannot be fetched or fails its hash is logged and skipped:
@@ -49,7 +50,7 @@ class PolicyFollower:
         self.failed = 0
 
     async def apply(self, version: PolicyVersion) -> None:
-        """Fetch and check the archive off the event loop, then swap it in between batches."""
+        """Fetch and check the archive off the event loop, then serve it from the next decode step."""
         if version.version == self.backend.policy_version and self.loaded and self.loaded[-1] == version:
             return  # republished by a trainer that resumed: already serving it
         started = time.perf_counter()

@@ -1,10 +1,13 @@
-"""In-process transformers backend with dynamic batching.
+"""In-process transformers backend with continuous batching.
 
-Requests that arrive within `batch_window_ms` of each other share forward passes: one worker
-task drains a bounded queue, left-pads the prompts and runs its own decode loop with a KV cache,
-so each row keeps its own max_new_tokens, temperature, top_p, stop strings and random generator.
-Finished or cancelled rows leave the batch at once. The model runs on one worker thread, so
-`swap` replaces weights or adapters between batches and no caller ever sees a half-loaded model.
+One worker task drains a bounded queue and runs the model one decode step at a time: requests
+that arrive while a batch is decoding are prefilled and join it at the next step, finished or
+cancelled rows leave it at once, and scoring calls (one forward pass) run between two steps
+instead of waiting for the batch to end. Each row keeps its own max_new_tokens, temperature,
+top_p, stop strings and random generator. The model runs on one thread, so nothing ever sees a
+half-loaded model: `load_adapter` switches new rows to a new policy version at the next step
+while running rows finish on the adapter they started with (peft's mixed-adapter batches), and
+`swap` changes the weights once the running rows are done.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from cai.errors import CAIError, InvalidArgument, NotFound, ResourceExhausted, U
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     """One sequence being decoded (a request with n samples has n rows)."""
 
@@ -48,12 +51,19 @@ class _Row:
     params: SamplingParams
     generator: torch.Generator
     job: _GenerateJob
+    sample: int  # which of the job's n samples
+    version: str  # the policy version that produces this row, from its first token to its last
+    adapter: str  # that version's peft adapter name; BASE_ADAPTER for the plain weights
     out_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish: FinishReason | None = None
 
+    @property
+    def remaining(self) -> int:
+        return self.params.max_new_tokens - len(self.out_ids)
 
-@dataclass
+
+@dataclass(eq=False)
 class _GenerateJob:
     prompt_ids: list[int]
     params: SamplingParams
@@ -62,6 +72,7 @@ class _GenerateJob:
     on_text: Callable[[str], object] | None = None  # streaming: called with each new piece
     streamed: int = 0
     queued: bool = False  # counted in the queue's rows until a batch takes it or it is cancelled
+    finished: list[_Row] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -72,7 +83,7 @@ class _GenerateJob:
         return len(self.prompt_ids) + self.params.max_new_tokens
 
 
-@dataclass
+@dataclass(eq=False)
 class _ScoreJob:
     prompt_ids: list[int]
     option_ids: list[list[int]]
@@ -89,10 +100,40 @@ class _ScoreJob:
         return len(self.prompt_ids) + max(len(o) for o in self.option_ids)
 
 
+@dataclass(eq=False)
+class _WeightChange:
+    """A change of weights or adapter, run on the model thread between two decode steps."""
+
+    apply: Callable[[], None]
+    drain: bool  # the running rows' weights change: wait until they are done
+    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass(eq=False)
+class _Batch:
+    """The rows being decoded, aligned with the batch dimension of their KV cache."""
+
+    rows: list[_Row]
+    cache: Any
+    mask: torch.Tensor  # (rows, columns): which cache columns each row attends to
+    positions: torch.Tensor  # (rows, 1): the position of each row's last token
+    tokens: list[int]  # each row's newest token, not yet run through the model
+
+    @property
+    def columns(self) -> int:
+        return int(self.mask.shape[1])
+
+    @property
+    def width(self) -> int:
+        return self.columns + max(r.remaining for r in self.rows)
+
+
 _Job = _GenerateJob | _ScoreJob
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
 
-def _resolve(job: _Job, result: Any = None, error: BaseException | None = None) -> None:
+def _resolve(job: _Job | _WeightChange, result: Any = None, error: BaseException | None = None) -> None:
     def settle() -> None:
         if job.future.done():
             return
@@ -143,6 +184,28 @@ def _preallocated_cache(num_layers: int, capacity: int) -> Any:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
             self.keys = self.key_buffer[:, :, : self.length]
             self.values = self.value_buffer[:, :, : self.length]
+
+        def join(self, parts: list[tuple[torch.Tensor, torch.Tensor]], columns: int) -> None:
+            """Stack the keys and values of several batches, each right-aligned at `columns`.
+
+            The columns left of a shorter batch are zeros that its attention mask hides."""
+            first = parts[0][0]
+            rows = sum(keys.shape[0] for keys, _ in parts)
+            shape = (rows, first.shape[1], capacity, first.shape[-1])
+            self.device = first.device
+            self.key_buffer, self.value_buffer = first.new_empty(shape), first.new_empty(shape)
+            self.key_buffer[:, :, :columns] = 0
+            self.value_buffer[:, :, :columns] = 0
+            row = 0
+            for keys, values in parts:
+                end, start = row + keys.shape[0], columns - keys.shape[2]
+                self.key_buffer[row:end, :, start:columns] = keys
+                self.value_buffer[row:end, :, start:columns] = values
+                row = end
+            self.length = columns
+            self.keys = self.key_buffer[:, :, :columns]
+            self.values = self.value_buffer[:, :, :columns]
+            self.is_initialized = True
 
     return Cache(layers=[PreallocatedLayer() for _ in range(num_layers)])
 
@@ -272,6 +335,7 @@ class TransformersBackend(Backend):
         dtype: str = "auto",
         prefix_cache: bool = True,
         prefix_cache_mb: float = 128.0,
+        continuous_batching: bool = True,
     ):
         import transformers
 
@@ -297,15 +361,18 @@ class TransformersBackend(Backend):
         eos = self.model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None}
-        # Every batch and every weight swap runs on this one thread, in order: a swap can never
-        # overlap a batch, and torch keeps one intra-op thread pool instead of one per caller.
+        # Every model call and weight change runs on this one thread, in order: a change can never
+        # overlap a forward pass, and torch keeps one intra-op thread pool instead of one per caller.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cai-model")
-        self._queue: asyncio.Queue[_Job] | None = None
+        self._queue: asyncio.Queue[_Job | _WeightChange] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_rows = 0
         self._closed = False
         self._adapters_loaded = 0
+        self._adapter = BASE_ADAPTER  # the adapter new rows run on
+        self._retired: set[str] = set()  # older versions' adapters, deleted once no row runs on them
+        self.continuous_batching = continuous_batching
         # None when switched off (benchmarks and tests compare with and without it).
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache else None
 
@@ -369,38 +436,58 @@ class TransformersBackend(Backend):
         return await self._submit(job)
 
     async def swap(self, apply: Callable[[Any], Any], version: str) -> None:
-        """Run `apply(model)` between batches; if it returns a model, serve that one from now."""
+        """Run `apply(model)` once the running rows are done (new rows wait for it); if it returns
+        a model, serve that one from now on, as policy `version`."""
 
-        def do_swap() -> None:
+        def change() -> None:
             replacement = apply(self.model)
             if replacement is not None:
                 self.model = replacement.eval()
-            if self.prefix_cache is not None:  # states computed by the old weights are stale
-                self.prefix_cache.clear()
-            self.policy_version = version
+            from peft import PeftModel
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, do_swap)
+            self._adapter = self.model.active_adapter if isinstance(self.model, PeftModel) else BASE_ADAPTER
+            self._retired.clear()
+            self._weights_changed(version)
+
+        await self._change(change, drain=True)
 
     async def load_adapter(self, folder: str | os.PathLike[str], version: str) -> None:
-        """Serve the peft (LoRA) adapter in `folder` as policy `version`, between batches.
+        """Serve the peft (LoRA) adapter in `folder` as policy `version` from the next decode step.
 
-        The adapter is loaded next to the one in use, made active and the old one deleted, all on
-        the model's thread: a batch runs wholly on the old adapter or wholly on the new one."""
+        The adapter is loaded next to the ones in use and made active: new rows run on it, rows
+        already running finish on the adapter they started with, and an adapter is deleted once
+        no row runs on it."""
 
-        def apply(model: Any) -> Any:
+        def change() -> None:
             from peft import PeftModel
 
             self._adapters_loaded += 1
             name = f"policy-{self._adapters_loaded}"  # peft's name; the version is ours
-            if not isinstance(model, PeftModel):
-                return PeftModel.from_pretrained(model, str(folder), adapter_name=name)
-            previous = model.active_adapter
-            model.load_adapter(str(folder), adapter_name=name)
-            model.set_adapter(name)
-            model.delete_adapter(previous)
-            return None
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(folder), adapter_name=name)
+                self.model.set_adapter(name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name).eval()
+            if self._adapter != BASE_ADAPTER:
+                self._retired.add(self._adapter)
+            self._adapter = name
+            self._weights_changed(version)
 
-        await self.swap(apply, version)
+        await self._change(change, drain=False)
+
+    def _weights_changed(self, version: str) -> None:
+        if self.prefix_cache is not None:  # states computed by the old weights are stale
+            self.prefix_cache.clear()
+        self.policy_version = version
+
+    async def _change(self, apply: Callable[[], None], drain: bool) -> None:
+        loop = self._running_loop()
+        change = _WeightChange(apply, drain, loop.create_future(), loop)
+        if self._closed:
+            raise Unavailable("the backend is shut down")
+        assert self._queue is not None
+        self._queue.put_nowait(change)
+        await change.future
 
     async def close(self) -> None:
         self._closed = True
@@ -449,58 +536,97 @@ class TransformersBackend(Backend):
             self._pending_rows -= job.rows
 
     async def _work(self) -> None:
+        """Admit, score and decode, one model call at a time, until the backend closes.
+
+        Between two decode steps: weight changes are applied (one that touches the running rows'
+        weights waits until they are done, and nothing new starts meanwhile), one batch of
+        scoring calls runs, and waiting requests are prefilled and join the running batch as far
+        as its row and token budgets allow. Without continuous batching a batch runs to the end
+        before anything else starts.
+        """
         assert self._queue is not None
         queue = self._queue
-        carry: list[_Job] = []
-        while True:
-            jobs = carry or [await queue.get()]
-            carry = []
-            deadline = asyncio.get_running_loop().time() + self.batch_window
-            while True:  # gather what arrives within the window
-                timeout = deadline - asyncio.get_running_loop().time()
-                if timeout <= 0:
-                    break
-                try:
-                    jobs.append(await asyncio.wait_for(queue.get(), timeout))
-                except TimeoutError:
-                    break
-            while not queue.empty():
-                jobs.append(queue.get_nowait())
-            jobs = [j for j in jobs if not j.future.cancelled()]
-            scores = [j for j in jobs if isinstance(j, _ScoreJob)]
-            gens = [j for j in jobs if isinstance(j, _GenerateJob)]
-            score_batch, carry_scores = self._take(scores)
-            gen_batch, carry_gens = self._take(gens)
-            carry = [*carry_scores, *carry_gens]
-            for batch, run in ((score_batch, self._run_scores), (gen_batch, self._run_generate)):
-                if not batch:
-                    continue
-                for job in batch:
-                    self._dequeue(job)
-                try:
-                    await asyncio.get_running_loop().run_in_executor(self._executor, run, batch)
-                except Exception as exc:  # a failed batch fails its callers, not the worker
-                    log.exception("batch failed")
-                    error = exc if isinstance(exc, CAIError) else Unavailable(f"backend error: {exc}")
-                    for job in batch:
-                        _resolve(job, error=error)
-                _release_freed_memory()
+        loop = asyncio.get_running_loop()
+        waiting: list[_Job | _WeightChange] = []
+        batch: _Batch | None = None
+        try:
+            while True:
+                if batch is None and not waiting:
+                    waiting.append(await queue.get())
+                    deadline = loop.time() + self.batch_window
+                    while (timeout := deadline - loop.time()) > 0:  # gather what arrives within the window
+                        try:
+                            waiting.append(await asyncio.wait_for(queue.get(), timeout))
+                        except TimeoutError:
+                            break
+                while not queue.empty():
+                    waiting.append(queue.get_nowait())
+                waiting = [j for j in waiting if not j.future.cancelled()]
+                changes = [j for j in waiting if isinstance(j, _WeightChange)]
+                while changes and (batch is None or not changes[0].drain):
+                    change = changes.pop(0)
+                    waiting.remove(change)
+                    await self._on_model_thread(change, self._apply, change, batch)
+                if changes or not (self.continuous_batching or batch is None):
+                    pass  # the running rows finish first
+                else:
+                    scores, _ = self._take([j for j in waiting if isinstance(j, _ScoreJob)])
+                    if scores:
+                        self._start(scores, waiting)
+                        await self._on_model_thread(scores, self._run_scores, scores)
+                    room = (len(batch.rows), batch.width) if batch is not None else (0, 0)
+                    gens, _ = self._take([j for j in waiting if isinstance(j, _GenerateJob)], *room)
+                    if gens:
+                        self._start(gens, waiting)
+                        batch = await self._on_model_thread(gens, self._admit, batch, gens) or batch
+                if batch is not None:
+                    batch = await self._on_model_thread(batch, self._step, batch)
+        finally:
+            error = Unavailable("the backend is shut down")
+            for job in [*waiting, *(r.job for r in batch.rows)] if batch is not None else waiting:
+                _resolve(job, error=error)
 
-    def _take(self, jobs: list[Any]) -> tuple[list[Any], list[Any]]:
-        """Fill a batch up to max_batch_size rows and max_batch_tokens padded tokens.
+    def _apply(self, change: _WeightChange, batch: _Batch | None) -> None:
+        change.apply()
+        self._retire_adapters(batch.rows if batch is not None else [])
+        _resolve(change)
+
+    def _start(self, jobs: list[Any], waiting: list[Any]) -> None:
+        for job in jobs:
+            waiting.remove(job)
+            self._dequeue(job)
+
+    async def _on_model_thread(self, owner: Any, run: Callable[..., Any], *args: Any) -> Any:
+        """`run(*args)` on the model thread. If it fails, the failure goes to its callers (the
+        jobs, weight change or batch in `owner`) instead of stopping the worker; returns None."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, run, *args)
+        except Exception as exc:
+            log.exception("model call failed")
+            error = exc if isinstance(exc, CAIError) else Unavailable(f"backend error: {exc}")
+            if isinstance(owner, _Batch):
+                owner = [r.job for r in owner.rows]
+            for job in owner if isinstance(owner, list) else [owner]:
+                _resolve(job, error=error)
+            return None
+        finally:
+            _release_freed_memory()
+
+    def _take(self, jobs: list[Any], rows: int = 0, width: int = 0) -> tuple[list[Any], list[Any]]:
+        """Fill a batch that already holds `rows` rows `width` tokens wide, up to max_batch_size
+        rows and max_batch_tokens padded tokens.
 
         The token budget bounds the KV cache and the attention scores, so long prompts
         make smaller batches instead of a memory spike.
         """
         batch: list[Any] = []
         rest: list[Any] = []
-        rows = width = 0
         for job in jobs:
             wider = max(width, job.width)
             fits = (
                 rows + job.rows <= self.max_batch_size and (rows + job.rows) * wider <= self.max_batch_tokens
             )
-            if batch and not fits:
+            if (batch or rows) and not fits:
                 rest.append(job)
             else:
                 batch.append(job)
@@ -728,60 +854,95 @@ class TransformersBackend(Backend):
             _resolve(job, result)
 
     @torch.inference_mode()
-    def _run_generate(self, jobs: list[_GenerateJob]) -> None:
+    def _admit(self, batch: _Batch | None, jobs: list[_GenerateJob]) -> _Batch | None:
+        """Prefill the jobs' rows on the current policy version and add them to `batch`."""
         rows: list[_Row] = []
         for job in jobs:
             seed = job.params.seed if job.params.seed is not None else secrets.randbits(62)
             for i in range(job.params.n):
                 gen = torch.Generator()  # CPU generator: identical samples on any device
                 gen.manual_seed(seed + i)
-                rows.append(_Row(job.prompt_ids, job.params, gen, job))
-        version = self.policy_version
-        self._decode(rows)
-        if self.on_batch is not None:
-            self.on_batch(len(rows))
-        for job in jobs:
-            done = [r for r in rows if r.job is job]
-            if job.on_text is not None and done[0].text[job.streamed :]:
-                job.on_text(done[0].text[job.streamed :])
-            _resolve(job, [Completion(r.text, len(r.out_ids), r.finish or "length", version) for r in done])
-
-    def _decode(self, rows: list[_Row]) -> None:
+                rows.append(_Row(job.prompt_ids, job.params, gen, job, i, self.policy_version, self._adapter))
         prompts = [r.prompt_ids for r in rows]
-        extra = max(r.params.max_new_tokens for r in rows)
-        # The prefill reuses stored prefix states; the decode steps continue in the same cache.
-        out, cache, mask, step_positions = self._forward(
-            prompts, [len(p) for p in prompts], extra, 1, hidden=False
+        # Alone, the prefill's cache is the batch's: room for every decode step. Joining, the
+        # merge makes a new one.
+        extra = max(r.remaining for r in rows) if batch is None else 0
+        out, cache, mask, positions = self._forward(prompts, [len(p) for p in prompts], extra, 1, False)
+        joining = self._continue(_Batch(rows, cache, mask, positions[:, -1:], []), out.logits)
+        merged = self._merge(batch, joining) if batch and joining else joining or batch
+        if self.on_batch is not None and merged is not None:
+            self.on_batch(len(merged.rows))
+        return merged
+
+    def _merge(self, a: _Batch, b: _Batch) -> _Batch:
+        columns = max(a.columns, b.columns)
+        rows = a.rows + b.rows
+        cache = _preallocated_cache(len(a.cache.layers), columns + max(r.remaining for r in rows))
+        for layer, left, right in zip(cache.layers, a.cache.layers, b.cache.layers, strict=True):
+            layer.join([(left.keys, left.values), (right.keys, right.values)], columns)
+        masks = [torch.nn.functional.pad(m, (columns - m.shape[1], 0)) for m in (a.mask, b.mask)]
+        positions = torch.cat([a.positions, b.positions])
+        return _Batch(rows, cache, torch.cat(masks), positions, a.tokens + b.tokens)
+
+    @torch.inference_mode()
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """One decode step: every row runs its newest token and samples the next."""
+        mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        positions = batch.positions + 1
+        kwargs = {_cache_kwarg(self._base()): batch.cache}
+        adapters = [r.adapter for r in batch.rows]
+        if any(a != self._adapter for a in adapters):  # some rows started on an older version
+            kwargs["adapter_names"] = adapters
+        out = self.model(
+            input_ids=torch.tensor([[t] for t in batch.tokens], device=self.device),
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
         )
-        active = list(range(len(rows)))  # indices into rows, aligned with the cache's batch dim
-        cache_kwarg = _cache_kwarg(self._base())
-        while True:
-            tokens = self._sample(out.logits[:, -1, :].float(), [rows[i] for i in active])
-            keep = []
-            for slot, (i, token) in enumerate(zip(active, tokens, strict=True)):
-                row = rows[i]
-                self._advance(row, token)
-                if row.finish is None:
-                    keep.append(slot)
-            if not keep:
-                return
-            next_tokens = torch.tensor([[tokens[s]] for s in keep], device=self.device)
-            if len(keep) < len(active):  # drop finished rows from the batch and the cache
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask = mask[index]
-                step_positions = step_positions[index]
-                active = [active[s] for s in keep]
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], 1)
-            step_positions = step_positions[:, -1:] + 1
-            out = self.model(
-                input_ids=next_tokens,
-                attention_mask=mask,
-                position_ids=step_positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{cache_kwarg: cache},
+        running = self._continue(_Batch(batch.rows, batch.cache, mask, positions, []), out.logits)
+        self._retire_adapters(running.rows if running is not None else [])
+        return running
+
+    def _continue(self, batch: _Batch, logits: torch.Tensor) -> _Batch | None:
+        """Sample each row's next token from `logits`; finished rows leave the batch (and its
+        cache) and their jobs are answered once all their rows are done."""
+        tokens = self._sample(logits[:, -1, :].float(), batch.rows)
+        keep = []
+        for slot, (row, token) in enumerate(zip(batch.rows, tokens, strict=True)):
+            self._advance(row, token)
+            if row.finish is None:
+                keep.append(slot)
+            else:
+                self._finished(row)
+        if not keep:
+            return None
+        if len(keep) < len(batch.rows):
+            index = torch.tensor(keep, device=self.device)
+            batch.cache.batch_select_indices(index)
+            batch = _Batch(
+                [batch.rows[s] for s in keep], batch.cache, batch.mask[index], batch.positions[index], []
             )
+        batch.tokens = [tokens[s] for s in keep]
+        return batch
+
+    def _finished(self, row: _Row) -> None:
+        job = row.job
+        job.finished.append(row)
+        if len(job.finished) < job.rows:
+            return
+        rows = sorted(job.finished, key=lambda r: r.sample)
+        if job.on_text is not None and rows[0].text[job.streamed :]:
+            job.on_text(rows[0].text[job.streamed :])
+        _resolve(job, [Completion(r.text, len(r.out_ids), r.finish or "length", r.version) for r in rows])
+
+    def _retire_adapters(self, running: list[_Row]) -> None:
+        """Delete the adapters of older versions that no running row uses any more."""
+        unused = self._retired - {r.adapter for r in running}
+        for name in unused:
+            self.model.delete_adapter(name)
+        self._retired -= unused
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         chosen = []
