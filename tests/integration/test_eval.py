@@ -173,6 +173,7 @@ async def test_cli_evaluates_a_running_policy_service(tiny_model, tmp_path):
     (here an adapter it loaded, as it does when the trainer publishes one)."""
     import asyncio
 
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -182,9 +183,10 @@ async def test_cli_evaluates_a_running_policy_service(tiny_model, tmp_path):
     from services.server import start_service
     from services.settings import load_settings
 
+    torch.manual_seed(1)  # the same adapter whatever ran before
     peft_model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tiny_model),
-        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
     archive, sha256 = pack_adapter(peft_model, tmp_path / "policies", "v1")
     backend = TransformersBackend(tiny_model, device="cpu", dtype="float32")
@@ -212,4 +214,6 @@ async def test_cli_evaluates_a_running_policy_service(tiny_model, tmp_path):
     report = json.loads(out.read_text())
     assert report["policy"].endswith("@v1")  # the service's model and the version it serves
     assert {c["category"] for c in report["categories"]} == {"red-team", "benign", "all"}
-    assert all(item["policy_answer"] != item["baseline_answer"] for item in report["prompts"])
+    # The tiny random model's next-token distributions are nearly flat, so a seeded sample can come
+    # out the same with or without the adapter; the adapter's answers must differ somewhere.
+    assert any(item["policy_answer"] != item["baseline_answer"] for item in report["prompts"])
