@@ -322,6 +322,135 @@ async def bench_exact_labels(model: str, pairs: int, answer_tokens: int = 32) ->
     )
 
 
+# ---- continuous batching -------------------------------------------------------------------
+
+
+async def bench_ttft(
+    backend: TransformersBackend, running: int = 4, max_new_tokens: int = 128, rounds: int = 3
+) -> None:
+    """Time to first token of a request that arrives while a batch of `running` generations of
+    `max_new_tokens` tokens decodes: joining it at the next step (continuous batching) vs waiting
+    for it to end (run to completion). The modes take turns; each keeps its best run."""
+    texts = [r.text for r in load_prompts(None) if r.category == "benign"]
+    batch_prompts = [await backend.render([{"role": "user", "content": t}]) for t in texts[:running]]
+    newcomer = await backend.render([{"role": "user", "content": texts[running]}])
+    # Sampled, seeded: long answers that rarely stop before max_new_tokens.
+    long_params = [
+        SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, seed=i) for i in range(running)
+    ]
+    loop = asyncio.get_running_loop()
+    ttft: dict[str, list[float]] = {"continuous": [], "run to completion": []}
+    batch_seconds: dict[str, list[float]] = {name: [] for name in ttft}
+    tokens: dict[str, int] = {}
+    await backend.generate(newcomer, SamplingParams(max_new_tokens=2))  # warm up
+    for round_ in range(rounds):
+        for name in list(ttft) if round_ % 2 == 0 else list(ttft)[::-1]:
+            backend.continuous_batching = name == "continuous"
+            admitted = asyncio.Event()
+            backend.on_batch = lambda rows, event=admitted: loop.call_soon_threadsafe(event.set)
+            start = time.perf_counter()
+            batch = asyncio.gather(
+                *(backend.generate(p, q) for p, q in zip(batch_prompts, long_params, strict=True))
+            )
+            await admitted.wait()
+            backend.on_batch = None
+            await asyncio.sleep(0.5)  # a few decode steps into the batch
+            arrived = time.perf_counter()
+            first: float | None = None
+            async for _ in backend.generate_stream(newcomer, SamplingParams(max_new_tokens=4, temperature=0)):
+                first = first or time.perf_counter() - arrived
+            assert first is not None
+            ttft[name].append(first)
+            results = await batch
+            batch_seconds[name].append(time.perf_counter() - start)
+            tokens[name] = sum(c.tokens for r in results for c in r)
+    backend.continuous_batching = True
+    rows: list[dict[str, Any]] = [
+        {
+            "mode": name,
+            "batch rows": running,
+            "batch tokens": tokens[name],
+            "best batch s": min(batch_seconds[name]),
+            "all TTFT s": " / ".join(f"{x:.2f}" for x in ttft[name]),
+            "best TTFT s": min(ttft[name]),
+        }
+        for name in ttft
+    ]
+    ratio = rows[1]["best TTFT s"] / rows[0]["best TTFT s"]
+    show(f"ttft: a request arriving 0.5 s into a batch of {running} x {max_new_tokens} tokens; "
+         f"run to completion / continuous = {ratio:.1f}x", rows)  # fmt: skip
+    save("ttft", rows, {"target": ">= 5x shorter", "ratio": ratio, "dtype": str(backend.dtype)})
+
+
+async def bench_up(model: str, limit: int, rounds: int = 1) -> None:
+    """`cai up --limit N --train-steps 0`'s pipeline (one backend for policy, critique and judge)
+    with the prefix cache and continuous batching on vs both off, greedy decoding everywhere, so
+    the two must write the same records. The variants take turns; each keeps its best run."""
+    from dataclasses import replace
+
+    from cai.engine import EngineConfig
+    from cai.pipeline import LocalStages, RunConfig
+    from cai.pipeline import run as run_pipeline
+
+    cons = constitution.load("default")
+    records = load_prompts(None, limit)
+    greedy = EngineConfig()
+    greedy = replace(
+        greedy,
+        critique_params=replace(greedy.critique_params, temperature=0.0),
+        revision_params=replace(greedy.revision_params, temperature=0.0),
+    )
+    backends = {
+        "on": TransformersBackend(model),
+        "off": TransformersBackend(model, prefix_cache=False, continuous_batching=False),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in backends}
+    written: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_ in range(rounds):
+            for name in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+                out = Path(scratch) / f"{name}-{round_}"
+                config = RunConfig(
+                    out=out, response_params=replace(RunConfig.response_params, temperature=0.0)
+                )
+                stages = LocalStages(CAIEngine(backends[name], cons, greedy))
+                start = time.perf_counter()
+                await run_pipeline(stages, config, records)
+                seconds[name].append(time.perf_counter() - start)
+                written[name] = {
+                    f: [json.loads(line) for line in (out / f).read_text().splitlines()]
+                    for f in ("sft.jsonl", "preferences.jsonl", "revisions.jsonl")
+                }
+    for backend in backends.values():
+        await backend.close()
+
+    def texts(rows: list[dict[str, Any]]) -> list[Any]:
+        # Everything but the run's own name and time and the labels' last digits (compared below).
+        varies = ("run_id", "created_at", "p_chosen", "p_a", "judgment")
+        return [{k: v for k, v in r.items() if k not in varies} for r in rows]
+
+    same = all(texts(written["on"][f]) == texts(written["off"][f]) for f in written["on"])
+    labels_on = [r.get("p_chosen", 0.0) for r in written["on"]["preferences.jsonl"]]
+    labels_off = [r.get("p_chosen", 0.0) for r in written["off"]["preferences.jsonl"]]
+    label_difference = max((abs(a - b) for a, b in zip(labels_on, labels_off, strict=True)), default=0.0)
+    rows: list[dict[str, Any]] = []
+    for name, label in (("off", "prefix cache and continuous batching off"), ("on", "both on (default)")):
+        best = min(seconds[name])
+        rows.append(
+            {
+                "variant": label,
+                "prompts": len(records),
+                "all runs s": " / ".join(f"{x:.1f}" for x in seconds[name]),
+                "best s": best,
+                "speed-up": min(seconds["off"]) / best,
+            }
+        )
+    title = f"up: cai up's pipeline on {len(records)} prompts, greedy, {backends['on'].dtype}"
+    show(f"{title}; records identical: {same}, max label difference {label_difference:.2g}", rows)
+    extra = {"target": ">= 1.5x", "ratio": rows[1]["speed-up"], "records_identical": same}
+    save("up", rows, {**extra, "max_label_difference": label_difference, "dtype": str(backends["on"].dtype)})
+
+
 # ---- memory -------------------------------------------------------------------------------
 
 
@@ -365,7 +494,7 @@ def bench_memory(limit: int) -> None:
     save("memory", rows, {"target": "<= 2 GB peak RSS with the defaults"})
 
 
-FOUNDATION = ["batching", "judging", "prefix-cache", "exact-labels", "memory"]
+FOUNDATION = ["batching", "ttft", "judging", "prefix-cache", "exact-labels", "up", "memory"]
 SERVICES = ["service-overhead", "grpc-vs-inprocess", "langchain-peer"]
 KAFKA = ["kafka-ceiling", "kafka-latency", "kafka-vs-inprocess"]
 
@@ -455,6 +584,9 @@ def main() -> None:
     parser.add_argument("--label-pairs", type=int, default=64, help="exact-labels: pairs")
     parser.add_argument("--cache-rounds", type=int, default=2, help="prefix-cache: runs of each side")
     parser.add_argument("--memory-limit", type=int, default=8)
+    parser.add_argument("--ttft-rounds", type=int, default=3, help="ttft: runs of each mode")
+    parser.add_argument("--up-limit", type=int, default=8, help="up: prompts")
+    parser.add_argument("--up-rounds", type=int, default=1, help="up: runs of each variant")
     group = parser.add_argument_group("service benchmarks")
     group.add_argument("--callers", type=int, default=32, help="service-overhead: concurrent callers")
     group.add_argument("--duration", type=float, default=5.0, help="service-overhead: seconds per run")
@@ -492,11 +624,13 @@ def main() -> None:
     backend = None
     if {"kafka-ceiling", "kafka-latency"} & set(chosen):  # FakeBackend only: before the model loads
         run_kafka(args, [c for c in chosen if c in ("kafka-ceiling", "kafka-latency")], None)
-    if {"batching", "judging", "grpc-vs-inprocess", "kafka-vs-inprocess"} & set(chosen):
+    if {"batching", "ttft", "judging", "grpc-vs-inprocess", "kafka-vs-inprocess"} & set(chosen):
         backend = TransformersBackend(model)
         console.print(f"model {model} on {backend.device} {backend.dtype}")
         if "batching" in chosen:
             asyncio.run(bench_batching(backend, args.requests, args.max_new_tokens))
+        if "ttft" in chosen:
+            asyncio.run(bench_ttft(backend, rounds=args.ttft_rounds))
         if "judging" in chosen:
             asyncio.run(bench_judging(backend, args.pairs))
     if "prefix-cache" in chosen:
@@ -505,6 +639,8 @@ def main() -> None:
         asyncio.run(bench_prefix_cache(on, off, args.pairs, args.cache_rounds))
     if "exact-labels" in chosen:
         asyncio.run(bench_exact_labels(model, args.label_pairs))
+    if "up" in chosen:
+        asyncio.run(bench_up(model, args.up_limit, args.up_rounds))
     served = [c for c in chosen if c in ("grpc-vs-inprocess", "langchain-peer")]
     if served:  # imports the services: only when asked for
         run_services(args, served, model, backend)

@@ -46,3 +46,16 @@ async def test_prefix_cache_benchmark_runs(backend, default_model, results):
 async def test_exact_labels_benchmark_runs(default_model, results):
     await run.bench_exact_labels(default_model, pairs=2, answer_tokens=8)
     assert len(rows(results, "exact-labels")) == 2
+
+
+async def test_ttft_benchmark_runs(backend, results):
+    await run.bench_ttft(backend, running=1, max_new_tokens=8, rounds=1)
+    assert [r["mode"] for r in rows(results, "ttft")] == ["continuous", "run to completion"]
+    assert backend.continuous_batching  # the shared backend is left as it was
+
+
+async def test_up_benchmark_runs(default_model, results):
+    await run.bench_up(default_model, limit=1)
+    saved = json.loads((results / "up.json").read_text())
+    assert [r["prompts"] for r in saved["rows"]] == [1, 1]
+    assert saved["records_identical"] is True  # greedy: the cache and the batching change no record
