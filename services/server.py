@@ -59,6 +59,7 @@ class Readiness:
         self.started = False
         self.reason: str | None = "starting"  # why not ready; None when ready
         self.draining = False
+        self._status: int | None = None  # the status last set
         self._task: asyncio.Task[None] | None = None
 
     def not_started(self) -> str | None:
@@ -84,23 +85,21 @@ class Readiness:
     async def _set(self, reason: str | None) -> None:
         if self.draining:
             return
-        changed = (reason is None) != (self.reason is None)
         self.reason = reason
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if reason is None
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        if status == self._status:
+            return
+        self._status = status  # set, and logged, on each change only
         await self.health.set(SERVICE_NAMES[self.name], status)
-        if changed:
-            fields = {
-                "service": self.name,
-                "status": health_pb2.HealthCheckResponse.ServingStatus.Name(status),
-            }
-            if reason is not None:
-                log.warning("not ready", extra={"fields": {**fields, "reason": reason}})
-            else:
-                log.info("ready", extra={"fields": fields})
+        fields = {"service": self.name, "status": health_pb2.HealthCheckResponse.ServingStatus.Name(status)}
+        if reason is not None:
+            log.warning("not ready", extra={"fields": {**fields, "reason": reason}})
+        else:
+            log.info("ready", extra={"fields": fields})
 
     def watch(self) -> None:
         """Check again every `interval_s` seconds, in the background, until `close`."""
