@@ -1,11 +1,13 @@
-# syntax=docker/dockerfile:1
-#
 # One image for every component: its entrypoint is `cai` (cai serve policy|critique|judge,
 # cai train, cai topics create, ...).
 #
 #   docker build -t cai-stack:0.1.0-cpu .                                   # CPU
 #   docker build -t cai-stack:0.1.0-cuda --build-arg VARIANT=cuda .          # NVIDIA GPUs
 #   docker build -t cai-stack:0.1.0-cpu-model --build-arg WITH_DEFAULT_MODEL=1 .
+#
+# Where the usual bases cannot be pulled, `make image` builds one from Debian with debootstrap and
+# passes it as PYTHON_IMAGE (with CPU_PYTHON=/usr/bin/python3). Behind a TLS-inspecting proxy,
+# pass its CA bundle for the downloads during the build: --secret id=ca-bundle,src=BUNDLE.
 #
 # WITH_DEFAULT_MODEL=1 runs `cai models setup` at build time (as `make model` does) and keeps the
 # converted SmolLM2-135M-Instruct in $CAI_HOME=/opt/cai; without it no weights are in the image and
@@ -18,7 +20,8 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 # ---- the two runtime bases; everything after `base` is the same for both ----------------------
 
 FROM ${PYTHON_IMAGE} AS base-cpu
-ENV CAI_PYTHON=/usr/local/bin/python3
+ARG CPU_PYTHON=/usr/local/bin/python3
+ENV CAI_PYTHON=${CPU_PYTHON}
 
 FROM ${CUDA_IMAGE} AS base-cuda
 # hadolint ignore=DL3008
@@ -55,7 +58,9 @@ RUN "$CAI_PYTHON" -m venv "$VIRTUAL_ENV"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 # hadolint ignore=DL3013
-RUN pip install --upgrade pip \
+RUN --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && pip install --upgrade pip \
  && if [ "$VARIANT" = "cpu" ] && [ -n "$TORCH_INDEX_URL" ]; then \
       pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"; \
     fi \
@@ -67,14 +72,19 @@ RUN pip install --upgrade pip \
 
 FROM deps AS build
 ARG WITH_DEFAULT_MODEL=0
+# The converter writes the weights readable by their owner only (root here); the runtime user
+# 10001 must read them, hence the chmod.
 COPY cai ./cai
 COPY services ./services
 COPY trainer ./trainer
 COPY cli ./cli
 COPY constitutions ./constitutions
-RUN pip install . \
+RUN --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && pip install . \
  && mkdir -p "$CAI_HOME" \
  && if [ "$WITH_DEFAULT_MODEL" = "1" ]; then cai models setup; fi \
+ && chmod -R a+rX "$CAI_HOME" \
  && cai --help > /dev/null
 
 # ---- runtime: the virtualenv and $CAI_HOME, no sources, no compilers, a non-root user -----------

@@ -15,7 +15,7 @@ DEPLOY_VENV := $(TOOLS)/deploy-venv
 PROTOS := $(wildcard protos/cai/v1/*.proto)
 PROTOC = $(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
 
-.PHONY: help install model up test lint format protos protos-check tools kafka bench deploy-check controlplane kube-up clean
+.PHONY: help install model up test lint format protos protos-check tools kafka bench deploy-check controlplane kube-up image image-if-possible clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -67,7 +67,7 @@ format: install  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint deploy-check model tools kafka controlplane  ## lint, then run every test (unit, services, integration on the real model, tests/k8s on a real control plane)
+test: lint deploy-check model tools kafka controlplane image-if-possible  ## lint, then run every test (unit, services, integration on the real model, tests/k8s on a real control plane)
 	$(BIN)/pytest
 
 $(VENV)/.bench-installed: $(INSTALLED)
@@ -91,7 +91,7 @@ $(DEPLOY_VENV)/.installed: pyproject.toml $(INSTALLED)
 
 deploy-check: install $(KUSTOMIZE) $(DEPLOY_VENV)/.installed  ## render deploy/k8s; kubernetes-validate, CRD schemas, checkov, hadolint, invariants
 	$(BIN)/python deploy/check.py --kustomize $(KUSTOMIZE) --tools $(DEPLOY_VENV)/bin
-	$(BIN)/pytest -q tests/deploy
+	$(BIN)/pytest -q tests/deploy --ignore=tests/deploy/test_image.py
 
 controlplane:  ## build etcd, kube-apiserver, controller manager, scheduler, kubectl and kwok (Go, once, cached) and fetch the CRDs tests/k8s needs
 	bash deploy/controlplane/build.sh
@@ -100,6 +100,13 @@ controlplane:  ## build etcd, kube-apiserver, controller manager, scheduler, kub
 OVERLAY ?= local
 kube-up: install controlplane  ## a Kubernetes control plane on loopback with simulated CPU and GPU nodes, deploy/k8s/overlays/$(OVERLAY) applied; Ctrl-C stops it
 	$(BIN)/python deploy/controlplane/controlplane.py up --apply deploy/k8s/overlays/$(OVERLAY)
+
+image: install  ## build the CPU image with the default model (docker build; a private dockerd and a debootstrap base where needed)
+	$(BIN)/python deploy/image/image.py build
+
+# For `make test`: build the image if it is missing and a Docker engine can run here.
+image-if-possible: install
+	$(BIN)/python deploy/image/image.py build --if-missing --if-engine
 
 clean:  ## remove .venv and caches (the prepared model in $CAI_HOME stays)
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
