@@ -1,8 +1,9 @@
-"""Smoke runs of the engine benchmarks at tiny sizes, so a broken benchmark shows up in the tests.
+"""Smoke runs of the benchmarks at tiny sizes, so a broken benchmark shows up in the tests.
 
 No figures are asserted (speed is what the benchmarks measure, not what tests check); each run
-must finish and write its table's JSON, here into a temporary folder instead of
-benchmarks/results/.
+must finish and produce its table's rows (benchmarks.run's write their JSON, here into a
+temporary folder instead of benchmarks/results/). trainer_vs_trl's smoke run is in tests/trainer;
+langchain-peer needs the `bench` extra, which `make test` does not install, and trainer_gpu a GPU.
 """
 
 import json
@@ -59,3 +60,41 @@ async def test_up_benchmark_runs(default_model, results):
     saved = json.loads((results / "up.json").read_text())
     assert [r["prompts"] for r in saved["rows"]] == [1, 1]
     assert saved["records_identical"] is True  # greedy: the cache and the batching change no record
+
+
+def test_memory_benchmark_runs(results):
+    run.bench_memory(limit=1)
+    default, float32 = rows(results, "memory")
+    assert "--dtype auto" in default["command"] and "--dtype float32" in float32["command"]
+
+
+def test_service_benchmarks_run(backend):
+    import asyncio
+
+    from benchmarks import services
+
+    overhead = services.bench_service_overhead(concurrency=2, duration_s=0.5, warmup_calls=10)
+    assert len(overhead["rows"]) == 2 and overhead["rows"][0]["errors"] == 0
+    paths = asyncio.run(
+        services.bench_grpc_vs_inprocess(backend, requests=2, concurrency=2, max_new_tokens=4, rounds=1)
+    )
+    assert {r["path"] for r in paths["rows"]} >= {"CAIEngine.critique (in-process)"}
+
+
+def test_kafka_benchmarks_run(backend):
+    from benchmarks import kafka
+
+    assert kafka.bench_ceiling(records=20, in_flight=[4])["rows"]
+    assert kafka.bench_latency(rate=5.0, seconds=1.0)["rows"]
+    assert len(kafka.bench_vs_inprocess(backend, prompts=1, rounds=1)["rows"]) == 3
+
+
+def test_online_benchmarks_run(tiny_model):
+    import asyncio
+
+    from benchmarks import online
+
+    served = asyncio.run(online.publish_to_serve(tiny_model, versions=1, device="cpu", dtype="float32"))
+    assert [r["load"] for r in served["rows"]] == ["idle", "4 callers"]
+    loop = online.online_loop(tiny_model, steps=1, limit=1, rounds=1, device="cpu", dtype="float32")
+    assert [r["variant"] for r in loop["rows"]] == ["overlapped", "synchronous"]
