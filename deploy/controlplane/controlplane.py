@@ -57,24 +57,29 @@ class ControlPlaneError(RuntimeError):
     """A component did not start, did not become ready, or a command against it failed."""
 
 
-def build() -> Path:
+def _run_recipe(script: str, timeout_s: float) -> Path:
+    """Run one of the recipe's scripts; return the folder it prints last."""
+    try:
+        result = subprocess.run(
+            ["bash", str(HERE / script)], capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as e:
+        raise ControlPlaneError(f"deploy/controlplane/{script} took longer than {timeout_s:.0f} s") from e
+    if result.returncode != 0:
+        raise ControlPlaneError(
+            f"deploy/controlplane/{script} failed (exit {result.returncode}):\n{result.stderr[-4000:]}"
+        )
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def build(timeout_s: float = 3600) -> Path:
     """Run build.sh (a no-op when its cache folder is complete) and return the binaries' folder."""
-    result = subprocess.run(["bash", str(HERE / "build.sh")], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ControlPlaneError(
-            f"deploy/controlplane/build.sh failed (exit {result.returncode}):\n{result.stderr[-4000:]}"
-        )
-    return Path(result.stdout.strip().splitlines()[-1])
+    return _run_recipe("build.sh", timeout_s)
 
 
-def fetch_crds() -> Path:
+def fetch_crds(timeout_s: float = 900) -> Path:
     """Run crds.sh (a no-op when its cache folder is complete) and return the CRDs' folder."""
-    result = subprocess.run(["bash", str(HERE / "crds.sh")], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ControlPlaneError(
-            f"deploy/controlplane/crds.sh failed (exit {result.returncode}):\n{result.stderr[-4000:]}"
-        )
-    return Path(result.stdout.strip().splitlines()[-1])
+    return _run_recipe("crds.sh", timeout_s)
 
 
 def free_port() -> int:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ IMAGE = "cai-stack:0.1.0-cpu-model"
 UPSTREAM_BASE = "python:3.11-slim-bookworm"
 DEBIAN_BASE = "cai-base:bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu/"  # the Dockerfile's TORCH_INDEX_URL
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cai"
 
 
@@ -161,7 +163,10 @@ def install_engine() -> str:
 
 def ensure_base(engine: Engine) -> tuple[str, str]:
     """(base image, its python) for the CPU variant: the usual one if it can be pulled, else Debian's."""
-    if engine.has_image(UPSTREAM_BASE) or engine.docker("pull", UPSTREAM_BASE, check=False).returncode == 0:
+    pulled = engine.has_image(UPSTREAM_BASE) or (
+        engine.docker("pull", UPSTREAM_BASE, check=False, timeout_s=300).returncode == 0
+    )
+    if pulled:
         return UPSTREAM_BASE, "/usr/local/bin/python3"
     if not engine.has_image(DEBIAN_BASE):
         debootstrap = shutil.which("debootstrap")
@@ -171,7 +176,7 @@ def ensure_base(engine: Engine) -> tuple[str, str]:
             subprocess.run(
                 [debootstrap, "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
                  "bookworm", rootfs, DEBIAN_MIRROR],
-                check=True, capture_output=True,
+                check=True, capture_output=True, timeout=1800,
             )  # fmt: skip
             for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 shutil.rmtree(Path(rootfs) / cache, ignore_errors=True)
@@ -188,6 +193,14 @@ def ensure_base(engine: Engine) -> tuple[str, str]:
     return DEBIAN_BASE, "/usr/bin/python3"
 
 
+def reachable(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return bool(answer.status == 200)
+    except (OSError, ValueError):
+        return False
+
+
 def build(engine: Engine, tag: str = IMAGE) -> None:
     base, python = ensure_base(engine)
     args = [
@@ -195,12 +208,12 @@ def build(engine: Engine, tag: str = IMAGE) -> None:
         "--build-arg", f"PYTHON_IMAGE={base}", "--build-arg", f"CPU_PYTHON={python}",
         "--build-arg", "WITH_DEFAULT_MODEL=1",
     ]  # fmt: skip
-    if engine.docker("pull", "--quiet", "hello-world", check=False).returncode != 0:
-        args += ["--build-arg", "TORCH_INDEX_URL="]  # no image registry, so likely no other index either
+    if not reachable(TORCH_CPU_INDEX):  # then PyPI's torch (a CUDA build, larger, runs on CPU)
+        args += ["--build-arg", "TORCH_INDEX_URL="]
     bundle = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
     if bundle and Path(bundle).is_file():  # a TLS-inspecting proxy's CA, for the downloads
         args += ["--secret", f"id=ca-bundle,src={bundle}"]
-    result = subprocess.run([docker_binary(), *args, str(REPO)], env=engine.env, text=True)
+    result = subprocess.run([docker_binary(), *args, str(REPO)], env=engine.env, text=True, timeout=3600)
     if result.returncode != 0:
         raise ImageError(f"docker build of {tag} failed ({result.returncode})")
 
