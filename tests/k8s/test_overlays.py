@@ -194,6 +194,32 @@ def test_network_policies_are_admitted(deployed, controlplane):
     assert rendered and rendered == stored
 
 
+def test_applying_again_changes_nothing_and_only_keda_leaves_replicas_alone(deployed, controlplane):
+    """A second server-side apply rolls nothing. Where KEDA owns the replica counts (gpu), the
+    overlay leaves them alone; where the overlay sets them (local), a count changed since is a
+    conflict that the apply reports instead of silently undoing it."""
+    plane = controlplane
+    stages = ["cai-policy", "cai-critique", "cai-judge"]
+    before = {n: plane.get(f"deployment/{n}", "-n", NAMESPACE)["metadata"]["generation"] for n in stages}
+    plane.kubectl("scale", "deployment/cai-critique", "-n", NAMESPACE, "--replicas=3")  # as an HPA would
+    try:
+        result = plane.kubectl(
+            "apply", "--server-side", "--field-manager=cai-tests", "-k", str(deployed.overlay), check=False
+        )
+        after = {n: plane.get(f"deployment/{n}", "-n", NAMESPACE) for n in stages}
+        assert after["cai-policy"]["metadata"]["generation"] == before["cai-policy"]
+        assert after["cai-judge"]["metadata"]["generation"] == before["cai-judge"]
+        assert after["cai-critique"]["spec"]["replicas"] == 3
+        if deployed.name == "gpu":
+            assert result.returncode == 0, result.stderr
+        else:
+            assert result.returncode != 0
+            assert "conflict" in result.stderr and ".spec.replicas" in result.stderr
+    finally:
+        plane.kubectl("scale", "deployment/cai-critique", "-n", NAMESPACE, "--replicas=1")
+    wait_for_rollouts(plane, deployed)
+
+
 def test_drain_respects_the_disruption_budgets(deployed, controlplane):
     """With nowhere to reschedule, a drain evicts one of two judge pods and then waits on the PDB."""
     plane = controlplane
