@@ -110,6 +110,7 @@ class Trainer:
     de-duplication state in every checkpoint stops growing once the window is full."""
 
     dedupe_window = 100_000  # samples; a stream's replayed records arrive far sooner than this
+    unknown_versions_logged = 100  # distinct unknown policy-version names warned about, at most
 
     def __init__(
         self,
@@ -270,9 +271,13 @@ class Trainer:
         """How many versions older than the newest published one the sample's policy is."""
         index = version_index(sample.policy_version)
         if index is None:
-            if sample.policy_version not in self._unknown_versions:
-                self._unknown_versions.add(sample.policy_version)
-                name = sample.policy_version
+            name = sample.policy_version
+            # each unknown name is logged once; a stream of ever new names is not remembered forever
+            if (
+                name not in self._unknown_versions
+                and len(self._unknown_versions) < self.unknown_versions_logged
+            ):
+                self._unknown_versions.add(name)
                 log.warning("policy version %r is not one of this trainer's: counted as fresh", name)
             return 0
         current = version_index(self.policy_version) or 0

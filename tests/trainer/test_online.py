@@ -4,6 +4,7 @@ tiny random model (what it learns does not matter here, which samples it learns 
 from __future__ import annotations
 
 import json
+import logging
 import queue
 from dataclasses import replace
 from pathlib import Path
@@ -198,3 +199,28 @@ def test_a_long_stream_keeps_a_flat_checkpoint_and_still_drops_recent_replays(ti
     assert states[-1]["trained_ids"][-1] == "s0000"  # oldest first, the newest last
     sizes = {len(json.dumps(s["trained_ids"])) for s in states[3:]}
     assert len(sizes) == 1  # flat once the window is full, however long the run
+
+
+class FewWarnings(Trainer):
+    unknown_versions_logged = 2
+
+
+def test_unknown_policy_versions_are_warned_about_once_each_and_not_kept_without_limit(
+    tiny_model, tmp_path, caplog
+):
+    feed: queue.Queue[TrainingSample | None] = queue.Queue()
+    for i, version in enumerate(["odd-1", "odd-1", "odd-2", "odd-3", "odd-4", "odd-3"]):
+        feed.put(sample(i, version))
+    feed.put(None)
+    config = online_config(tiny_model, tmp_path / "out", max_steps=3, max_staleness=0, publish_every=10)
+    trainer = FewWarnings(config, MemorySource(feed, lambda: False))
+    with caplog.at_level(logging.WARNING, logger="cai.trainer"):
+        result = trainer.train()
+    trainer.close()
+    assert result.samples == 6 and result.stale == 0  # unknown versions count as fresh
+    warned = [r.getMessage() for r in caplog.records if "is not one of this trainer's" in r.getMessage()]
+    assert warned == [
+        "policy version 'odd-1' is not one of this trainer's: counted as fresh",
+        "policy version 'odd-2' is not one of this trainer's: counted as fresh",
+    ]
+    assert trainer._unknown_versions == {"odd-1", "odd-2"}
