@@ -331,6 +331,7 @@ class ControlPlane:
     volumes: int = 12
     components: list[Component] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
+    crds: list[str] = field(default_factory=list)  # names of the CRDs install_crds installed
 
     @property
     def server(self) -> str:
@@ -576,6 +577,7 @@ class ControlPlane:
             args += ["-f", str(f)]
         out = self.kubectl(*args, "-o", "name", timeout_s=timeout_s).stdout
         names = [n.split("/", 1)[1] for n in out.split()]
+        self.crds += names
         self.kubectl(
             "wait", "--for=condition=Established", f"--timeout={int(timeout_s)}s",
             *[f"crd/{n}" for n in names], timeout_s=timeout_s + 10,
@@ -605,13 +607,6 @@ class ControlPlane:
             return False
         conditions = json.loads(result.stdout).get("status", {}).get("conditions", [])
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
-    def token_kubeconfig(self, namespace: str, service_account: str, path: Path) -> Path:
-        """A kubeconfig holding a TokenRequest token of `service_account` (one hour)."""
-        token = self.kubectl("create", "token", service_account, "-n", namespace, "--duration=1h").stdout
-        ca_data = base64.b64encode(self.ca_file.read_bytes()).decode()
-        path.write_text(json.dumps(kubeconfig(self.server, ca_data, {"token": token.strip()})))
-        return path
 
 
 @contextlib.contextmanager
