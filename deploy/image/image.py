@@ -216,6 +216,8 @@ def build(engine: Engine, tag: str = IMAGE) -> None:
     result = subprocess.run([docker_binary(), *args, str(REPO)], env=engine.env, text=True, timeout=3600)
     if result.returncode != 0:
         raise ImageError(f"docker build of {tag} failed ({result.returncode})")
+    # The build cache holds another copy of the dependency layers (about 7 GB): keep the image only.
+    engine.docker("builder", "prune", "--force", check=False, timeout_s=600)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
