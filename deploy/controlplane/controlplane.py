@@ -2,7 +2,7 @@
 
 Runs etcd, kube-apiserver (authorization Node,RBAC; PodSecurity admission), kube-controller-manager,
 kube-scheduler and kwok from the binaries that build.sh puts in its cache folder. Everything lives
-in one work folder (PKI, kubeconfigs, etcd's data, logs); every port is a free loopback port;
+in one work folder (PKI, kubeconfigs, etcd's data, logs, pids); every port is a free loopback port;
 every component is stopped by its pid. kwok plays the kubelets: nodes annotated
 kwok.x-k8s.io/node=fake become Ready, Pods bound to them become Running and Ready, Job pods
 complete. No container runs: images are never pulled.
@@ -510,6 +510,9 @@ class ControlPlane:
                 preexec_fn=_die_with_parent,
             )
         self.components.append(component)
+        pids = self.workdir / "pids"
+        pids.mkdir(exist_ok=True)
+        (pids / component.name).write_text(f"{component.process.pid}\n")
         deadline = time.monotonic() + timeout_s
         context = ssl.create_default_context(cafile=str(self.ca_file))
         context.check_hostname = False  # controller manager and scheduler serve self-signed certs
