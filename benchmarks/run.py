@@ -382,10 +382,11 @@ async def bench_ttft(
     save("ttft", rows, {"target": ">= 5x shorter", "ratio": ratio, "dtype": str(backend.dtype)})
 
 
-async def bench_up(model: str, limit: int, rounds: int = 1) -> None:
+async def bench_up(model: str, limit: int, rounds: int = 1, dtype: str = "float32") -> None:
     """`cai up --limit N --train-steps 0`'s pipeline (one backend for policy, critique and judge)
     with the prefix cache and continuous batching on vs both off, greedy decoding everywhere, so
-    the two must write the same records. The variants take turns; each keeps its best run."""
+    in float32 the two must write the same records (in bfloat16 a different batch shape rounds
+    differently, and greedy picks can flip). The variants take turns; each keeps its best run."""
     from dataclasses import replace
 
     from cai.engine import EngineConfig
@@ -401,8 +402,8 @@ async def bench_up(model: str, limit: int, rounds: int = 1) -> None:
         revision_params=replace(greedy.revision_params, temperature=0.0),
     )
     backends = {
-        "on": TransformersBackend(model),
-        "off": TransformersBackend(model, prefix_cache=False, continuous_batching=False),
+        "on": TransformersBackend(model, dtype=dtype),
+        "off": TransformersBackend(model, dtype=dtype, prefix_cache=False, continuous_batching=False),
     }
     seconds: dict[str, list[float]] = {name: [] for name in backends}
     written: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -448,7 +449,8 @@ async def bench_up(model: str, limit: int, rounds: int = 1) -> None:
     title = f"up: cai up's pipeline on {len(records)} prompts, greedy, {backends['on'].dtype}"
     show(f"{title}; records identical: {same}, max label difference {label_difference:.2g}", rows)
     extra = {"target": ">= 1.5x", "ratio": rows[1]["speed-up"], "records_identical": same}
-    save("up", rows, {**extra, "max_label_difference": label_difference, "dtype": str(backends["on"].dtype)})
+    dtype_name = str(backends["on"].dtype).removeprefix("torch.")
+    save(f"up-{dtype_name}", rows, {**extra, "max_label_difference": label_difference, "dtype": dtype_name})
 
 
 # ---- memory -------------------------------------------------------------------------------
@@ -587,6 +589,9 @@ def main() -> None:
     parser.add_argument("--ttft-rounds", type=int, default=3, help="ttft: runs of each mode")
     parser.add_argument("--up-limit", type=int, default=8, help="up: prompts")
     parser.add_argument("--up-rounds", type=int, default=1, help="up: runs of each variant")
+    parser.add_argument(
+        "--up-dtype", default="float32", choices=["auto", "float32", "bfloat16"], help="up: dtype"
+    )
     group = parser.add_argument_group("service benchmarks")
     group.add_argument("--callers", type=int, default=32, help="service-overhead: concurrent callers")
     group.add_argument("--duration", type=float, default=5.0, help="service-overhead: seconds per run")
@@ -640,7 +645,7 @@ def main() -> None:
     if "exact-labels" in chosen:
         asyncio.run(bench_exact_labels(model, args.label_pairs))
     if "up" in chosen:
-        asyncio.run(bench_up(model, args.up_limit, args.up_rounds))
+        asyncio.run(bench_up(model, args.up_limit, args.up_rounds, args.up_dtype))
     served = [c for c in chosen if c in ("grpc-vs-inprocess", "langchain-peer")]
     if served:  # imports the services: only when asked for
         run_services(args, served, model, backend)

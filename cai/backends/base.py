@@ -54,7 +54,7 @@ class Backend(ABC):
     model_id: str
     kind: str  # transformers, tgi, openai or policy
     policy_version: str = "base"
-    on_batch: Callable[[int], object] | None = None  # told the rows of each batch it runs (metrics)
+    on_batch: Callable[[int], object] | None = None  # told its batch's rows whenever requests join (metrics)
 
     @property
     def queue_depth(self) -> int:

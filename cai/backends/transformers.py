@@ -567,20 +567,24 @@ class TransformersBackend(Backend):
                     change = changes.pop(0)
                     waiting.remove(change)
                     await self._on_model_thread(change, self._apply, change, batch)
-                if changes or not (self.continuous_batching or batch is None):
-                    pass  # the running rows finish first
-                else:
-                    scores, _ = self._take([j for j in waiting if isinstance(j, _ScoreJob)])
+                # A change waiting for the running rows holds everything new back, as running
+                # each batch to its end does.
+                if not changes and (self.continuous_batching or batch is None):
+                    scores = self._take([j for j in waiting if isinstance(j, _ScoreJob)])
                     if scores:
                         self._start(scores, waiting)
                         await self._on_model_thread(scores, self._run_scores, scores)
+                        await self._on_model_thread(None, _release_freed_memory)
                     room = (len(batch.rows), batch.width) if batch is not None else (0, 0)
-                    gens, _ = self._take([j for j in waiting if isinstance(j, _GenerateJob)], *room)
+                    gens = self._take([j for j in waiting if isinstance(j, _GenerateJob)], *room)
                     if gens:
                         self._start(gens, waiting)
                         batch = await self._on_model_thread(gens, self._admit, batch, gens) or batch
+                        await self._on_model_thread(None, _release_freed_memory)  # the replaced caches
                 if batch is not None:
                     batch = await self._on_model_thread(batch, self._step, batch)
+                    if batch is None:
+                        await self._on_model_thread(None, _release_freed_memory)
         finally:
             error = Unavailable("the backend is shut down")
             for job in [*waiting, *(r.job for r in batch.rows)] if batch is not None else waiting:
@@ -598,7 +602,8 @@ class TransformersBackend(Backend):
 
     async def _on_model_thread(self, owner: Any, run: Callable[..., Any], *args: Any) -> Any:
         """`run(*args)` on the model thread. If it fails, the failure goes to its callers (the
-        jobs, weight change or batch in `owner`) instead of stopping the worker; returns None."""
+        jobs, weight change or batch in `owner`, if any) instead of stopping the worker; returns
+        None."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, run, *args)
         except Exception as exc:
@@ -606,32 +611,28 @@ class TransformersBackend(Backend):
             error = exc if isinstance(exc, CAIError) else Unavailable(f"backend error: {exc}")
             if isinstance(owner, _Batch):
                 owner = [r.job for r in owner.rows]
-            for job in owner if isinstance(owner, list) else [owner]:
+            for job in owner if isinstance(owner, list) else [owner] if owner is not None else []:
                 _resolve(job, error=error)
             return None
-        finally:
-            _release_freed_memory()
 
-    def _take(self, jobs: list[Any], rows: int = 0, width: int = 0) -> tuple[list[Any], list[Any]]:
-        """Fill a batch that already holds `rows` rows `width` tokens wide, up to max_batch_size
-        rows and max_batch_tokens padded tokens.
+    def _take(self, jobs: list[Any], rows: int = 0, width: int = 0) -> list[Any]:
+        """The jobs, in order, that fit a batch already holding `rows` rows `width` tokens wide,
+        within max_batch_size rows and max_batch_tokens padded tokens (at least one job when the
+        batch is empty).
 
         The token budget bounds the KV cache and the attention scores, so long prompts
         make smaller batches instead of a memory spike.
         """
         batch: list[Any] = []
-        rest: list[Any] = []
         for job in jobs:
             wider = max(width, job.width)
             fits = (
                 rows + job.rows <= self.max_batch_size and (rows + job.rows) * wider <= self.max_batch_tokens
             )
-            if (batch or rows) and not fits:
-                rest.append(job)
-            else:
+            if fits or not (batch or rows):
                 batch.append(job)
                 rows, width = rows + job.rows, wider
-        return batch, rest
+        return batch
 
     # ---- model work (worker thread) ------------------------------------------------------
 
@@ -924,6 +925,7 @@ class TransformersBackend(Backend):
             batch = _Batch(
                 [batch.rows[s] for s in keep], batch.cache, batch.mask[index], batch.positions[index], []
             )
+            _release_freed_memory()  # the cache these rows were copied out of
         batch.tokens = [tokens[s] for s in keep]
         return batch
 

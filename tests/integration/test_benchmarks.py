@@ -57,7 +57,7 @@ async def test_ttft_benchmark_runs(backend, results):
 
 async def test_up_benchmark_runs(default_model, results):
     await run.bench_up(default_model, limit=1)
-    saved = json.loads((results / "up.json").read_text())
+    saved = json.loads((results / "up-float32.json").read_text())
     assert [r["prompts"] for r in saved["rows"]] == [1, 1]
     assert saved["records_identical"] is True  # greedy: the cache and the batching change no record
 
