@@ -2,9 +2,11 @@
 
 The policy, critique and judge stream stages (each its own process, on the instant FakeBackend)
 and the online trainer (`cai train --source kafka`, a tiny random model on the CPU) run on a real
-single-node broker for `--duration-s` seconds while prompts are pushed at a steady rate. A seeded
-scheduler SIGKILLs a random component every `--kill-every-s` seconds and starts it again at once,
-as Kubernetes would; every `--broker-restart-every-s` seconds it restarts the broker; every
+single-node broker (with `--model default`, the stages and the trainer all run the default
+model: slower, so fewer prompts and kills fit, but every restart reloads a real model) for
+`--duration-s` seconds while prompts are pushed at a steady rate. A seeded scheduler SIGKILLs
+a random component every `--kill-every-s` seconds and starts it again at once, as Kubernetes
+would; every `--broker-restart-every-s` seconds it restarts the broker; every
 `--poison-every-s` seconds it writes an unreadable record to one of the stages' input topics.
 Then the kills stop, the pipeline gets `--settle-s` seconds to finish what is in flight, and
 every topic and the trainer's log are reconciled against the prompts pushed:
@@ -18,6 +20,9 @@ every topic and the trainer's log are reconciled against the prompts pushed:
 
     .venv/bin/python -m benchmarks.chaos --duration-s 600 --kill-every-s 5
     .venv/bin/python -m benchmarks.chaos --duration-s 60 --kill-every-s 3   # a quick look
+    .venv/bin/python -m benchmarks.chaos --model default --duration-s 180 --kill-every-s 20 \
+        --broker-restart-every-s 90 --poison-every-s 30 --prompts-per-s 0.1 --settle-s 900 \
+        --out benchmarks/results/chaos-default-model.json
 
 It prints a table and writes the numbers to `benchmarks/results/chaos.json` (`--out`).
 """
@@ -55,11 +60,20 @@ INPUT = {"policy": "prompts", "critique": "rollouts", "judge": "rollouts", "trai
 # ---- one stage as a process ----------------------------------------------------------------
 
 
-async def _stage(name: str, bootstrap: str, prefix: str, mark: Path) -> None:
+async def _stage(name: str, bootstrap: str, prefix: str, mark: Path, model: str) -> None:
+    from cai.backends.base import Backend
     from cai.backends.fake import FakeBackend
     from services.server import start_service
     from services.settings import load_settings
 
+    backend: Backend
+    if model == "fake":
+        backend, limits = FakeBackend(delay_s=0.002), {"max_prompt_tokens": 400}
+    else:
+        from cai.backends.transformers import TransformersBackend
+        from cai.models import resolve_model
+
+        backend, limits = TransformersBackend(resolve_model(model), device="cpu"), {}
     settings = load_settings(
         name,  # type: ignore[arg-type]
         None,
@@ -68,9 +82,9 @@ async def _stage(name: str, bootstrap: str, prefix: str, mark: Path) -> None:
         kafka=bootstrap,
         kafka_prefix=prefix,
         kafka_commit_interval_s=0.2,
-        max_prompt_tokens=400,
+        **limits,
     )
-    service = await start_service(name, settings, FakeBackend(delay_s=0.002))  # type: ignore[arg-type]
+    service = await start_service(name, settings, backend)  # type: ignore[arg-type]
     stream = service.stream(settings)
     stopping = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
@@ -196,7 +210,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
 
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="cai-chaos-"))
-    model = tiny_model(Path(args.model_cache))
+    model = tiny_model(Path(args.model_cache)) if args.model == "fake" else args.model
     broker = Broker(work / "broker", detach=False)
     broker.start()
     bootstrap = broker.bootstrap
@@ -216,6 +230,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                 bootstrap,
                 prefix,
                 str(work / f"{name}.mark"),
+                args.model,
             ],
             work / f"{name}.log",
             work / f"{name}.mark",
@@ -225,7 +240,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     train = (
         f"train --source kafka --kafka {bootstrap} --kafka-prefix {prefix} --mode dpo --model {model} "
         f"--output-dir {out} --max-steps 1000000 --micro-batch-size 2 --checkpoint-every 1 "
-        "--keep-checkpoints 2 --device cpu --dtype float32 --lora-target-modules q_proj,v_proj "
+        f"--keep-checkpoints 2 --device cpu --dtype {'float32' if args.model == 'fake' else 'auto'} "
+        "--lora-target-modules q_proj,v_proj "
         "--stream-idle-timeout-s 600"
     )
     components["trainer"] = Component(
@@ -316,8 +332,19 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     if producer.flush(60) > 0:
         raise TimeoutError("chaos: prompts still unacknowledged 60 s after the last one")
 
-    # Settle: no more faults; wait until every prompt has a preference and every preference is
-    # trained, or until --settle-s.
+    # a poison record on rollouts is read by two stages: each dead-letters it
+    readers = {topic: [n for n, source in INPUT.items() if source == topic] for topic in set(INPUT.values())}
+
+    def dead_letters(topic: str) -> list[Any]:
+        letters = read_all(bootstrap, dlq(prefix + topic))
+        return [m for m in letters if (m.key() or b"").startswith(b"poison-")]
+
+    def dead_lettered(letters: list[Any]) -> Counter[tuple[bytes, str]]:
+        return Counter((m.key(), dict(m.headers() or [])["stage"]) for m in letters)
+
+    # Settle: no more faults; wait until every prompt has a preference, every preference is
+    # trained and every poison record is in its dead-letter topic (a stage killed near the end
+    # may still be catching up), or until --settle-s.
     deadline = time.time() + args.settle_s
     preferences: dict[str, str] = {}
     while time.time() < deadline:
@@ -329,7 +356,11 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                     message = records.decode(records_pb2.PreferenceRecord, item.value(), item.headers())
                     preferences[message.metadata.sample_id] = message.prompt.prompt_id
             trained = {s for row in trained_rows(out) for s in row["sample_ids"]}
-            if set(pushed) <= set(preferences.values()) and set(preferences) <= trained:
+            lettered = all(
+                len(dead_lettered(dead_letters(topic))) >= poison[topic] * len(readers[topic])
+                for topic in readers
+            )
+            if set(pushed) <= set(preferences.values()) and set(preferences) <= trained and lettered:
                 break
         time.sleep(2)
     poll_recoveries()
@@ -357,18 +388,14 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         c.log.read_text(errors="replace").count("sample id already trained") for c in [components["trainer"]]
     )
     dead: dict[str, Any] = {}
-    for topic in sorted(set(INPUT.values())):
-        letters = [
-            m for m in read_all(bootstrap, dlq(prefix + topic)) if (m.key() or b"").startswith(b"poison-")
-        ]
-        # a poison record on rollouts is read by two stages: each dead-letters it
-        readers = [name for name, source in INPUT.items() if source == topic]
-        by_record = Counter((m.key(), dict(m.headers() or [])["stage"]) for m in letters)
+    for topic in sorted(readers):
+        letters = dead_letters(topic)
+        by_record = dead_lettered(letters)
         with_headers = all(
             {"error", "stage", "original-offset"} <= set(dict(m.headers() or [])) for m in letters
         )
         dead[topic] = {
-            "expected": poison[topic] * len(readers),
+            "expected": poison[topic] * len(readers[topic]),
             "got": len(by_record),
             "written_twice": sum(n - 1 for n in by_record.values()),
             "headers_complete": with_headers,
@@ -378,6 +405,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     with_preference = set(preferences.values()) & set(pushed)
     result = {
         "duration_s": args.duration_s,
+        "model": args.model,
         "seed": args.seed,
         "prompts_pushed": len(pushed),
         "prompts_with_preference": len(with_preference),
@@ -420,7 +448,7 @@ def _summary(values: list[float]) -> dict[str, float | int]:
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        f"chaos soak: {result['duration_s']:.0f} s, seed {result['seed']}, "
+        f"chaos soak: {result['duration_s']:.0f} s, model {result['model']}, seed {result['seed']}, "
         f"{result['broker_restarts']} broker restarts",
         "",
         f"{'prompts pushed':32} {result['prompts_pushed']}",
@@ -457,6 +485,12 @@ def parser() -> argparse.ArgumentParser:
     found.add_argument("--prompts-per-s", type=float, default=4, help="prompts pushed per second")
     found.add_argument("--settle-s", type=float, default=240, help="most seconds to finish after the faults")
     found.add_argument("--seed", type=int, default=1, help="the scheduler's seed")
+    found.add_argument(
+        "--model",
+        default="fake",
+        help="fake: FakeBackend stages and a tiny random trainer model; default (or a model folder): "
+        "that model everywhere",
+    )
     found.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "cai-chaos-tiny-model"))
     found.add_argument("--out", type=Path, default=RESULTS / "chaos.json")
     return found
@@ -465,8 +499,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["stage"]:
-        name, bootstrap, prefix, mark = argv[1:5]
-        asyncio.run(_stage(name, bootstrap, prefix, Path(mark)))
+        name, bootstrap, prefix, mark, model = argv[1:6]
+        asyncio.run(_stage(name, bootstrap, prefix, Path(mark), model))
         return 0
     args = parser().parse_args(argv)
     result = soak(args)
