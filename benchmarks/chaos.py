@@ -20,8 +20,8 @@ every topic and the trainer's log are reconciled against the prompts pushed:
 
     .venv/bin/python -m benchmarks.chaos --duration-s 600 --kill-every-s 5
     .venv/bin/python -m benchmarks.chaos --duration-s 60 --kill-every-s 3   # a quick look
-    .venv/bin/python -m benchmarks.chaos --model default --duration-s 180 --kill-every-s 20 \
-        --broker-restart-every-s 90 --poison-every-s 30 --prompts-per-s 0.1 --settle-s 900 \
+    .venv/bin/python -m benchmarks.chaos --model default --duration-s 300 --kill-every-s 10 \
+        --broker-restart-every-s 100 --poison-every-s 20 --prompts-per-s 0.1 --settle-s 900 \
         --out benchmarks/results/chaos-default-model.json
 
 It prints a table and writes the numbers to `benchmarks/results/chaos.json` (`--out`).
