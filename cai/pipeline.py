@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from cai import __version__, records
+from cai import __version__, labels, records
 from cai.backends.base import Backend, Completion, SamplingParams
 from cai.constitution import Constitution, Conversation
 from cai.engine import (
@@ -216,6 +216,17 @@ def summarize(results: list[PromptResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def label_signal(preferences: list[Preference]) -> labels.LabelSignal:
+    """The signal of a run's labels: every `cai up` path reports it in run.json and its summary."""
+    orderings = [
+        (label.p_first_ab, label.p_first_ba)
+        for preference in preferences
+        for label in preference.judgment.labels
+        if label.p_first_ba is not None
+    ]
+    return labels.label_signal([p.judgment.p_a for p in preferences], orderings)
+
+
 async def run(
     stages: Stages,
     config: RunConfig,
@@ -275,6 +286,7 @@ def write_run_info(
             "revisions": len(results),
         },
         "summary": summarize(results),
+        "signals": label_signal([r.preference for r in results]).to_dict(),
         "versions": {
             "cai": __version__,
             "torch": torch.__version__,

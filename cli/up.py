@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from cai.engine import CritiqueOptions, JudgeOptions
 from cai.errors import InvalidArgument
@@ -298,6 +299,21 @@ def _print_summary(info: dict[str, Any], pairs: str, out: Path) -> None:
             f"{row['mean_final_chars']:.0f}",
         )
     console.print(table)
+    signals = info["signals"]
+    consistency = signals["position_consistency"]
+    console.print(
+        f"label signal: {signals['uninformative_share']:.0%} of {signals['labels']} labels within "
+        f"{signals['uninformative_margin']} of 0.5 (uninformative), mean |p - 0.5| "
+        f"{signals['mean_margin']:.3f}; position consistency "
+        + (
+            f"{consistency:.0%} of {signals['both_orders']} verdicts"
+            if consistency is not None
+            else "n/a (--no-debias)"
+        ),
+        highlight=False,
+    )
+    if signals["warning"]:
+        console.print(Text.assemble(("warning: ", "bold yellow"), signals["warning"]), soft_wrap=True)
     console.print(
         f"wrote {info['counts']['sft']} SFT examples, {info['counts']['preferences']} preference pairs "
         f"and {info['counts']['revisions']} revision chains to {out}/ in {info['duration_s']:.0f} s",

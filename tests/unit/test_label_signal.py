@@ -1,0 +1,54 @@
+"""The label signal `cai up` reports: uninformative share, position consistency and the warning."""
+
+from __future__ import annotations
+
+import pytest
+
+from cai import constitution, labels, pipeline
+from cai import records as record_model
+from cai.backends.base import Completion
+from cai.engine import ComparisonResult, PrincipleLabel
+
+
+def test_position_consistency_asks_whether_both_orderings_pick_one_winner():
+    assert labels.position_consistent(0.8, 0.3)  # A wins first, and wins second (B first loses)
+    assert labels.position_consistent(0.3, 0.8)  # B wins in both orderings
+    # The issue's example: the first option wins whatever it is, p_first 0.2227 both ways.
+    assert not labels.position_consistent(0.2227, 0.2227)
+    assert not labels.position_consistent(0.7, 0.7)
+
+
+def test_uninformative_share_counts_labels_within_the_margin_of_a_half():
+    signal = labels.label_signal([0.5, 0.52, 0.48, 0.53, 0.9], [(0.6, 0.4), (0.6, 0.6)])
+    assert signal.labels == 5
+    assert signal.uninformative_share == pytest.approx(3 / 5)  # 0.52 and 0.48 are on the margin
+    assert signal.mean_margin == pytest.approx((0 + 0.02 + 0.02 + 0.03 + 0.4) / 5)
+    assert signal.both_orders == 2 and signal.position_consistency == pytest.approx(0.5)
+    assert signal.to_dict()["uninformative_margin"] == labels.UNINFORMATIVE_MARGIN
+
+
+def test_the_warning_appears_when_most_labels_are_flat_and_says_what_to_try():
+    flat = labels.label_signal([0.5, 0.5, 0.51, 0.9], [(0.2227, 0.2227)] * 4)
+    assert flat.warning is not None
+    assert "75% of 4" in flat.warning and "0% of the verdicts" in flat.warning
+    for remedy in ("--dtype float32", "-k", "--judge-model", "--cot"):
+        assert remedy in flat.warning
+    assert labels.label_signal([0.5, 0.9], []).warning is None  # half is not most
+    one_order = labels.label_signal([0.5, 0.5], [])
+    assert one_order.position_consistency is None and "orderings" not in (one_order.warning or "x")
+    assert labels.label_signal([], []).warning is None
+
+
+def test_the_run_signal_reads_each_preference_and_each_principle_verdict():
+    cons = constitution.load("default")
+    principle = cons.principles[0].id
+    prefs = []
+    for i, (p_ab, p_ba) in enumerate([(0.2227, 0.2227), (0.9, 0.2), (0.6, 0.45)]):
+        prompt = record_model.Prompt(f"p{i}", "Say hi.", "test", seed=i)
+        rollout = record_model.rollout_of(prompt, [Completion("Hi.", 1, "stop")] * 2, "m")
+        judgment = ComparisonResult(labels.debias(p_ab, p_ba), [PrincipleLabel(principle, 0, p_ab, p_ba)])
+        prefs.append(record_model.preference_of(rollout, judgment, cons, "m"))
+    signal = pipeline.label_signal(prefs)
+    assert signal.labels == 3 and signal.both_orders == 3
+    assert signal.position_consistency == pytest.approx(2 / 3)
+    assert signal.uninformative_share == pytest.approx(1 / 3)  # 0.5, 0.85 and 0.575
