@@ -47,31 +47,34 @@ def position_consistent(p_first_ab: float, p_first_ba: float) -> bool:
 
 @dataclass(frozen=True)
 class LabelSignal:
-    """How much a set of labels can teach: the share that sits at 0.5, and how often the judge's
-    two orderings agreed (None when no pair was judged in both orders)."""
+    """How much a set of labels can teach. A label carries no signal when it sits at 0.5, or when
+    its two orderings disagree on the winner: then the position, not the content, decided it."""
 
     labels: int
     uninformative_share: float  # labels with |p - 0.5| <= UNINFORMATIVE_MARGIN
     mean_margin: float  # mean |p - 0.5|
     both_orders: int  # principle verdicts judged in both orderings
-    position_consistency: float | None
+    position_consistency: float | None  # share of those whose orderings agree; None: none judged
+    no_signal_share: float  # labels uninformative or with a verdict whose orderings disagree
 
     @property
     def warning(self) -> str | None:
         """What to try when most labels carry no signal; None when they do."""
-        if not self.labels or self.uninformative_share <= 0.5:
+        if not self.labels or self.no_signal_share <= 0.5:
             return None
-        bias = ""
+        consistency = ""
         if self.position_consistency is not None:
-            bias = (
-                f"; the two orderings agreed on the winner in {self.position_consistency:.0%} of "
-                "the verdicts, so position bias decides most of them"
+            consistency = (
+                f", and the two orderings of a pair agreed on the winner in "
+                f"{self.position_consistency:.0%} of {self.both_orders} verdicts (the rest were "
+                "decided by position, not content)"
             )
         return (
-            f"most labels carry no signal: {self.uninformative_share:.0%} of {self.labels} are within "
-            f"{UNINFORMATIVE_MARGIN} of 0.5{bias}. DPO learns almost nothing from them. Try scoring in "
-            "float32 (--dtype float32), more principles per label (-k 4), a bigger feedback model "
-            "(--judge-model), or chain-of-thought judging (--cot)."
+            f"most labels carry no signal ({self.no_signal_share:.0%} of {self.labels}): "
+            f"{self.uninformative_share:.0%} are within {UNINFORMATIVE_MARGIN} of 0.5{consistency}. "
+            "Training on them teaches little. Try scoring in float32 (--dtype float32), more "
+            "principles per label (-k 4), a bigger feedback model (--judge-model), or "
+            "chain-of-thought judging (--cot)."
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -82,20 +85,24 @@ class LabelSignal:
             "mean_margin": self.mean_margin,
             "both_orders": self.both_orders,
             "position_consistency": self.position_consistency,
+            "no_signal_share": self.no_signal_share,
             "warning": self.warning,
         }
 
 
-def label_signal(ps: Sequence[float], orderings: Sequence[tuple[float, float]]) -> LabelSignal:
-    """The signal of labels `ps` (p(A better)), with the (p_first_ab, p_first_ba) of every
-    verdict judged in both orderings."""
-    n = len(ps)
-    flat = sum(round(abs(p - 0.5), 9) <= UNINFORMATIVE_MARGIN for p in ps)  # 0.52 counts
-    agree = sum(position_consistent(ab, ba) for ab, ba in orderings)
+def label_signal(labels: Sequence[tuple[float, Sequence[tuple[float, float]]]]) -> LabelSignal:
+    """The signal of `labels`: each is p(A better) with the (p_first_ab, p_first_ba) of its
+    verdicts judged in both orderings (none with one ordering)."""
+    n = len(labels)
+    flat = [round(abs(p - 0.5), 9) <= UNINFORMATIVE_MARGIN for p, _ in labels]  # 0.52 counts
+    agree = [[position_consistent(ab, ba) for ab, ba in orders] for _, orders in labels]
+    verdicts = sum(len(a) for a in agree)
+    no_signal = sum(f or not all(a) for f, a in zip(flat, agree, strict=True))
     return LabelSignal(
         labels=n,
-        uninformative_share=flat / n if n else 0.0,
-        mean_margin=sum(abs(p - 0.5) for p in ps) / n if n else 0.0,
-        both_orders=len(orderings),
-        position_consistency=agree / len(orderings) if orderings else None,
+        uninformative_share=sum(flat) / n if n else 0.0,
+        mean_margin=sum(abs(p - 0.5) for p, _ in labels) / n if n else 0.0,
+        both_orders=verdicts,
+        position_consistency=sum(map(sum, agree)) / verdicts if verdicts else None,
+        no_signal_share=no_signal / n if n else 0.0,
     )

@@ -218,13 +218,15 @@ def summarize(results: list[PromptResult]) -> list[dict[str, Any]]:
 
 def label_signal(preferences: list[Preference]) -> labels.LabelSignal:
     """The signal of a run's labels: every `cai up` path reports it in run.json and its summary."""
-    orderings = [
-        (label.p_first_ab, label.p_first_ba)
-        for preference in preferences
-        for label in preference.judgment.labels
-        if label.p_first_ba is not None
-    ]
-    return labels.label_signal([p.judgment.p_a for p in preferences], orderings)
+    return labels.label_signal(
+        [
+            (
+                p.judgment.p_a,
+                [(v.p_first_ab, v.p_first_ba) for v in p.judgment.labels if v.p_first_ba is not None],
+            )
+            for p in preferences
+        ]
+    )
 
 
 async def run(

@@ -303,8 +303,8 @@ def _print_summary(info: dict[str, Any], pairs: str, out: Path) -> None:
     consistency = signals["position_consistency"]
     console.print(
         f"label signal: {signals['uninformative_share']:.0%} of {signals['labels']} labels within "
-        f"{signals['uninformative_margin']} of 0.5 (uninformative), mean |p - 0.5| "
-        f"{signals['mean_margin']:.3f}; position consistency "
+        f"{signals['uninformative_margin']} of 0.5, mean |p - 0.5| {signals['mean_margin']:.3f}, "
+        f"{signals['no_signal_share']:.0%} without signal; position consistency "
         + (
             f"{consistency:.0%} of {signals['both_orders']} verdicts"
             if consistency is not None

@@ -19,24 +19,30 @@ def test_position_consistency_asks_whether_both_orderings_pick_one_winner():
 
 
 def test_uninformative_share_counts_labels_within_the_margin_of_a_half():
-    signal = labels.label_signal([0.5, 0.52, 0.48, 0.53, 0.9], [(0.6, 0.4), (0.6, 0.6)])
+    consistent, flipped = (0.6, 0.4), (0.6, 0.6)
+    signal = labels.label_signal(
+        [(0.5, [consistent]), (0.52, []), (0.48, []), (0.53, [flipped]), (0.9, [consistent, consistent])]
+    )
     assert signal.labels == 5
     assert signal.uninformative_share == pytest.approx(3 / 5)  # 0.52 and 0.48 are on the margin
     assert signal.mean_margin == pytest.approx((0 + 0.02 + 0.02 + 0.03 + 0.4) / 5)
-    assert signal.both_orders == 2 and signal.position_consistency == pytest.approx(0.5)
+    assert signal.both_orders == 4 and signal.position_consistency == pytest.approx(3 / 4)
+    assert signal.no_signal_share == pytest.approx(4 / 5)  # 0.53's orderings disagree
     assert signal.to_dict()["uninformative_margin"] == labels.UNINFORMATIVE_MARGIN
 
 
-def test_the_warning_appears_when_most_labels_are_flat_and_says_what_to_try():
-    flat = labels.label_signal([0.5, 0.5, 0.51, 0.9], [(0.2227, 0.2227)] * 4)
-    assert flat.warning is not None
-    assert "75% of 4" in flat.warning and "0% of the verdicts" in flat.warning
+def test_the_warning_appears_when_most_labels_carry_no_signal_and_says_what_to_try():
+    flat = labels.label_signal([(0.5, []), (0.5, []), (0.51, []), (0.9, [])])
+    assert flat.warning is not None and "75% of 4" in flat.warning
+    assert flat.position_consistency is None and "orderings" not in flat.warning
     for remedy in ("--dtype float32", "-k", "--judge-model", "--cot"):
         assert remedy in flat.warning
-    assert labels.label_signal([0.5, 0.9], []).warning is None  # half is not most
-    one_order = labels.label_signal([0.5, 0.5], [])
-    assert one_order.position_consistency is None and "orderings" not in (one_order.warning or "x")
-    assert labels.label_signal([], []).warning is None
+    # Far from 0.5, but every verdict follows the position: no signal either.
+    biased = labels.label_signal([(0.45, [(0.3, 0.4)]), (0.44, [(0.28, 0.4)]), (0.9, [(0.9, 0.1)])])
+    assert biased.uninformative_share == 0
+    assert biased.warning is not None and "agreed on the winner in 33% of 3 verdicts" in biased.warning
+    assert labels.label_signal([(0.5, []), (0.9, [])]).warning is None  # half is not most
+    assert labels.label_signal([]).warning is None
 
 
 def test_the_run_signal_reads_each_preference_and_each_principle_verdict():
@@ -52,3 +58,4 @@ def test_the_run_signal_reads_each_preference_and_each_principle_verdict():
     assert signal.labels == 3 and signal.both_orders == 3
     assert signal.position_consistency == pytest.approx(2 / 3)
     assert signal.uninformative_share == pytest.approx(1 / 3)  # 0.5, 0.85 and 0.575
+    assert signal.no_signal_share == pytest.approx(1 / 3)
