@@ -9,11 +9,12 @@ import httpx2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cai.backends.base import Backend, Completion, SamplingParams, WrappedBackend
+from cai.backends.openai import OpenAIBackend
 from cai.constitution import Conversation
 from cai.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services import convert
 from services.client import TLS, AsyncClient
-from services.settings import ServiceSettings
+from services.settings import PolicySettings, ServiceSettings
 
 KINDS = ("transformers", "tgi", "openai", "policy")
 POLICY_SERVICE = "cai.v1.PolicyService"
@@ -105,22 +106,23 @@ async def readiness(backend: Backend, timeout: float) -> str | None:
     a remote engine or policy service is asked, within `timeout` seconds."""
     while isinstance(backend, WrappedBackend):
         backend = backend.inner
-    if isinstance(backend, PolicyServiceBackend):
+    if isinstance(backend, PolicyServiceBackend | OpenAIBackend):
+        # An OpenAI-compatible server lists its models; vLLM must also list our policy versions
+        # (a restarted one gets them back here, before the service reports SERVING again).
         return await backend.ready(timeout)
     url = getattr(backend, "url", None)
-    if backend.kind not in ("tgi", "openai") or url is None:
+    if backend.kind != "tgi" or url is None:
         return None
-    # TGI answers /health once its model is loaded; an OpenAI-compatible server lists its models.
-    path, secret = ("/health", "token") if backend.kind == "tgi" else ("/v1/models", "api_key")
-    key = getattr(backend, secret, None)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    # TGI answers /health once its model is loaded.
+    token = getattr(backend, "token", None)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         async with httpx2.AsyncClient(timeout=timeout) as http:
-            response = await http.get(f"{url}{path}", headers=headers)
+            response = await http.get(f"{url}/health", headers=headers)
     except httpx2.HTTPError as exc:
-        return f"{backend.kind} server {url}: {type(exc).__name__}: {exc}"
+        return f"tgi server {url}: {type(exc).__name__}: {exc}"
     if not response.is_success:
-        return f"{backend.kind} server {url}: GET {path} answered {response.status_code}"
+        return f"tgi server {url}: GET /health answered {response.status_code}"
     return None
 
 
@@ -148,9 +150,8 @@ def make_backend(spec: str, settings: ServiceSettings) -> Backend:
 
         return TGIBackend(target, tokenizer=settings.tokenizer)
     if kind == "openai":
-        from cai.backends.openai import OpenAIBackend
-
-        return OpenAIBackend(target, tokenizer=settings.tokenizer)
+        keep = settings.loaded_versions if isinstance(settings, PolicySettings) else 1
+        return OpenAIBackend(target, settings.served_model, settings.tokenizer, keep_versions=keep)
     token = settings.policy_token.get_secret_value() if settings.policy_token else None
     tls = TLS(ca=settings.policy_tls_ca) if settings.policy_tls_ca else None
     return PolicyServiceBackend(target, token=token, tls=tls)

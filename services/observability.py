@@ -61,12 +61,21 @@ class Metrics:
             ["service", "operation", "outcome"],
             registry=self.registry,
         )
+        self.policy_loads = Counter(
+            "cai_policy_version_loads",
+            "tries to load a published policy version, by outcome (ok or failed; failed ones are retried)",
+            ["service", "outcome"],
+            registry=self.registry,
+        )
         self.stream = StreamMetrics(self.registry)
         self.service = service
         self.port: int | None = None
 
     def count_operation(self, operation: str, outcome: str) -> None:
         self.operations.labels(self.service, operation, outcome).inc()
+
+    def count_policy_load(self, outcome: str) -> None:
+        self.policy_loads.labels(self.service, outcome).inc()
 
     def watch(self, backend: Backend) -> None:
         self.queue_depth.set_function(lambda: backend.queue_depth)

@@ -1,12 +1,14 @@
 """The policy service follows the trainer: every record on the policy-versions topic names an
-adapter archive and its sha256; the service fetches it, checks the hash and loads it at the
-next decode step (`TransformersBackend.load_adapter`; running generations finish on the version
-they started with). From then on its new completions, and the rollouts of its stream stage,
-carry the new version.
+adapter archive and its sha256; the service fetches it, checks the hash, unpacks it into its
+adapter folder and loads it: at the next decode step in process (`TransformersBackend`; running
+generations finish on the version they started with), or as a new LoRA adapter on a vLLM server
+that reads the same folder (`OpenAIBackend`). From then on its new completions, and the rollouts
+of its stream stage, carry the new version.
 
-On start the service loads the newest version already published, so a restarted replica serves
-what the others serve. A version that cannot be fetched or fails its hash is logged and skipped:
-the service keeps serving the one it has.
+On start the service loads the newest version already published, and its stream stage waits for
+that (`caught_up`), so a restarted replica serves what the others serve. A version that cannot be
+fetched, fails its hash or is refused by the engine is logged, counted and tried again with a
+growing pause until it loads or a newer one arrives; the service keeps serving the one it has.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +43,29 @@ def adapter_backend(backend: Backend) -> Any:
     return inner
 
 
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
+
+
 class PolicyFollower:
-    def __init__(self, backend: Backend, bootstrap: str, topic: str, cache: Path | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        bootstrap: str,
+        topic: str,
+        cache: Path | None = None,
+        on_load: Callable[[str], object] | None = None,
+    ):
         self.backend = adapter_backend(backend)
         self.bootstrap = bootstrap
         self.topic = topic
         self.cache = cache or Path(tempfile.mkdtemp(prefix="cai-policies-"))
+        self.on_load = on_load  # told "ok" or "failed" for every try (the service's metrics)
         self.loaded: list[PolicyVersion] = []
         self.failed = 0
+        self.caught_up = asyncio.Event()  # the newest version published before the start is tried
+        self._pending: PolicyVersion | None = None  # the newest version not loaded yet
+        self._retry_s = RETRY_FIRST_S
+        self._retry_at = 0.0
 
     async def apply(self, version: PolicyVersion) -> None:
         """Fetch and check the archive off the event loop, then serve it from the next decode step."""
@@ -68,7 +86,38 @@ class PolicyFollower:
             },
         )
 
-    def _consumer(self) -> Any:
+    async def _try(self, version: PolicyVersion) -> None:
+        """Load `version`; on failure keep it pending and try again later (unless a newer one comes)."""
+        try:
+            await self.apply(version)
+        except Exception as exc:  # a bad version must not stop the service: keep the old one
+            self.failed += 1
+            # A wrong hash or an archive the engine rejects stays wrong; anything else may pass.
+            retry = not isinstance(exc, InvalidArgument)
+            self._pending = version if retry else None
+            self._retry_at = time.monotonic() + self._retry_s
+            log.warning(
+                "policy version not loaded",
+                extra={
+                    "fields": {
+                        "version": version.version,
+                        "error": str(exc),
+                        "retry_in_s": self._retry_s if retry else None,
+                    }
+                },
+            )
+            if retry:
+                self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+            if self.on_load is not None:
+                self.on_load("failed")
+            return
+        self._pending = None
+        self._retry_s = RETRY_FIRST_S
+        if self.on_load is not None:
+            self.on_load("ok")
+
+    def _consumer(self) -> tuple[Any, dict[int, int]]:
+        """A consumer at the newest record of each partition, and each non-empty partition's end."""
         from confluent_kafka import TopicPartition
 
         # A group is required by librdkafka; assign() never joins it and nothing is committed.
@@ -79,17 +128,24 @@ class PolicyFollower:
             raise InvalidArgument(
                 f"kafka: topic {self.topic!r} does not exist; create it with `cai topics create`"
             )
-        start = []
+        start, ends = [], {}
         for partition in metadata.partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
             start.append(TopicPartition(self.topic, partition, max(low, high - 1)))  # the newest one
+            if high > low:
+                ends[partition] = high
         consumer.assign(start)
-        return consumer
+        return consumer, ends
 
     async def run(self, stopping: asyncio.Event) -> None:
-        consumer = await asyncio.to_thread(self._consumer)
+        # ends: partition -> its end at the start, until the record before it has been read
+        consumer, ends = await asyncio.to_thread(self._consumer)
         try:
             while not stopping.is_set():
+                if not ends:
+                    self.caught_up.set()
+                if self._pending is not None and time.monotonic() >= self._retry_at:
+                    await self._try(self._pending)
                 message = consumer.poll(0)  # never blocks the event loop
                 if message is None:
                     await asyncio.sleep(0.05)
@@ -97,16 +153,21 @@ class PolicyFollower:
                 if message.error() is not None:
                     log.warning("kafka", extra={"fields": {"error": str(message.error())}})
                     continue
+                if ends.get(message.partition(), 0) <= message.offset() + 1:
+                    ends.pop(message.partition(), None)
                 try:
                     record = records.decode(
                         records_pb2.PolicyVersionRecord, message.value(), message.headers()
                     )
-                    await self.apply(PolicyVersion.of_proto(record))
-                except Exception as exc:  # a bad version must not stop the service: keep the old one
+                    version = PolicyVersion.of_proto(record)
+                except Exception as exc:  # not a version record: nothing to retry
                     self.failed += 1
                     log.warning(
-                        "policy version not loaded",
+                        "policy version record unreadable",
                         extra={"fields": {"offset": message.offset(), "error": str(exc)}},
                     )
+                    continue
+                await self._try(version)
         finally:
+            self.caught_up.set()  # never leave a waiting stream stage behind
             await asyncio.to_thread(consumer.close)

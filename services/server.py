@@ -297,14 +297,22 @@ async def serve(name: ServiceName, settings: ServiceSettings) -> None:
     waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stopping.wait())]
     stream = None
     if settings.kafka:
-        stream = asyncio.ensure_future(_stream_when_started(service, settings, stopping))
-        waits.append(stream)
+        caught_up = None
         if isinstance(settings, PolicySettings) and settings.follow_policy_versions:
             from services.policy_updates import PolicyFollower
 
             topic = settings.kafka_prefix + "policy-versions"
-            follower = PolicyFollower(service.backend, settings.kafka, topic)
+            follower = PolicyFollower(
+                service.backend,
+                settings.kafka,
+                topic,
+                settings.adapter_dir,
+                on_load=service.metrics.count_policy_load,
+            )
             waits.append(asyncio.ensure_future(follower.run(stopping)))
+            caught_up = follower.caught_up
+        stream = asyncio.ensure_future(_stream_when_started(service, settings, stopping, caught_up))
+        waits.append(stream)
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     drain_until = loop.time() + settings.drain_s
     await service.stop_serving()
@@ -323,11 +331,16 @@ async def serve(name: ServiceName, settings: ServiceSettings) -> None:
 
 
 async def _stream_when_started(
-    service: RunningService, settings: ServiceSettings, stopping: asyncio.Event
+    service: RunningService,
+    settings: ServiceSettings,
+    stopping: asyncio.Event,
+    caught_up: asyncio.Event | None = None,
 ) -> None:
     """The stream stage, once the backend has started: records are not taken while it cannot
-    answer them (and, for a policy-service backend, before its model id is known)."""
-    while service.readiness.not_started() is not None:
+    answer them (and, for a policy-service backend, before its model id is known), nor, when the
+    service follows policy versions, before it has tried the newest one already published (its
+    rollouts would carry an older version and be dropped as stale)."""
+    while service.readiness.not_started() is not None or (caught_up is not None and not caught_up.is_set()):
         if stopping.is_set():
             return
         await asyncio.sleep(min(service.readiness.interval_s, 0.5))

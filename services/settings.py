@@ -37,6 +37,11 @@ class ServiceSettings(BaseSettings):
         None, description="policy backend: CA (PEM) of the policy service; enables TLS"
     )
     tokenizer: str | None = Field(None, description="local tokenizer folder for the tgi and openai backends")
+    served_model: str | None = Field(
+        None,
+        description="openai backend: the model to name in requests (default: the server's base "
+        "model, never an adapter; critique and judge on the policy's vLLM name the base model)",
+    )
     device: str | None = Field(None, description="transformers backend: cpu, cuda, ... (default: best)")
     dtype: str = Field("auto", description="transformers backend: auto, float32, bfloat16 or float16")
     max_batch_size: int = Field(16, ge=1, description="transformers backend: rows per batch")
@@ -140,6 +145,18 @@ class PolicySettings(ServiceSettings):
         True,
         description="with kafka, load each version the trainer publishes on the policy-versions "
         "topic (transformers backend)",
+    )
+    adapter_dir: Path | None = Field(
+        None,
+        description="where published policy versions are unpacked (default: a temporary folder); "
+        "with the openai backend, a folder the vLLM server reads at the same path (a shared volume)",
+    )
+    loaded_versions: int = Field(
+        3,
+        ge=1,
+        description="openai backend: policy versions kept loaded on vLLM, newest first, so requests "
+        "started on an older one finish on it; the trainer's max_staleness + 1, at most vLLM's "
+        "--max-loras",
     )
     responses_per_prompt: int = Field(2, ge=1, description="the stream stage's responses sampled per prompt")
     response_max_new_tokens: int = Field(

@@ -3,6 +3,14 @@
 It uses the legacy /v1/completions endpoint: prompts are rendered here as for every backend, and
 its `echo` with `logprobs` gives the prompt-token logprobs that score_options needs. httpx2 is the
 maintained continuation of httpx that huggingface_hub already depends on.
+
+Policy versions on vLLM (runtime LoRA updating): `load_adapter` registers version vN as the
+adapter `policy-vN` (POST /v1/load_lora_adapter) and new requests name it in `model`; the `model`
+of each response says which version served it, and that is the version its completions carry.
+The newest `keep_versions` stay loaded, so requests started under an older one finish on it;
+older ones are unloaded (POST /v1/unload_lora_adapter) once no request of this backend runs on
+them. A server that lost its adapters (restarted) is brought back to them by `sync`, which the
+health checks call, and by any request the server refuses for an unknown adapter.
 """
 
 from __future__ import annotations
@@ -10,6 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import os
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -23,7 +34,12 @@ from cai.backends.remote import (
     status_error,
     transport_error,
 )
-from cai.errors import CAIError, InvalidArgument, Unavailable
+from cai.errors import CAIError, InvalidArgument, NotFound, Unavailable
+from cai.records import BASE_VERSION
+
+log = logging.getLogger("cai.backends.openai")
+
+ADAPTER_PREFIX = "policy-"  # the server's name for policy version vN is policy-vN
 
 _FINISH: dict[str, FinishReason] = {"length": "length", "stop": "stop", "abort": "cancelled"}
 
@@ -51,16 +67,22 @@ class OpenAIBackend(RemoteBackend):
         tokenizer: str | None = None,
         api_key: str | None = None,
         timeout: float = 120.0,
+        keep_versions: int = 1,
     ):
         super().__init__(url, tokenizer, timeout)
+        if keep_versions < 1:
+            raise InvalidArgument(f"keep_versions: must be >= 1, got {keep_versions}")
         # The server root; the OpenAI client's base_url form (ending in /v1) is accepted too.
         self.url = self.url.removesuffix("/v1")
-        self.model = model  # the first model of GET /v1/models when not given
+        self.model = model  # the server's base model (never an adapter) when not given
         self.model_id = model or self.url
         self.api_key = api_key
+        self.keep_versions = keep_versions
         self._where = f"OpenAI-compatible server at {self.url}"
         self._http: httpx2.AsyncClient | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
+        self._versions: list[tuple[str, str]] = []  # (version, adapter folder) on the server, newest last
+        self._in_flight: Counter[str] = Counter()  # requests running, by the model they named
 
     # ---- public API ----------------------------------------------------------------------
 
@@ -72,17 +94,120 @@ class OpenAIBackend(RemoteBackend):
             await self._request("GET", "/v1/models")
 
     async def resolve_model_id(self) -> str:
-        """The model to ask for: the one given, else the first that GET /v1/models lists."""
+        """The base model to ask for: the one given, else the first that GET /v1/models lists
+        without a `parent` (vLLM lists adapters with their base model as parent)."""
         if self.model is None:
             models = (await self._request("GET", "/v1/models")).get("data") or []
-            if not models or not isinstance(models[0], dict) or "id" not in models[0]:
-                raise Unavailable(f"{self._where} lists no model at /v1/models")
-            self.model = self.model_id = str(models[0]["id"])
+            bases = [m for m in models if isinstance(m, dict) and "id" in m and not m.get("parent")]
+            if not bases:
+                raise Unavailable(f"{self._where} lists no base model at /v1/models")
+            self.model = self.model_id = str(bases[0]["id"])
         return self.model
+
+    # ---- policy versions as LoRA adapters ------------------------------------------------
+
+    async def load_adapter(self, folder: str | os.PathLike[str], version: str) -> None:
+        """Serve the LoRA adapter in `folder` (a path the server can read) as policy `version` to
+        new requests; raises, and the version served so far stays, when the server refuses it."""
+        await self._load(version, str(folder))
+        self._versions = [v for v in self._versions if v[0] != version] + [(version, str(folder))]
+        self.policy_version = version
+        await self._unload_old()
+
+    async def sync(self) -> None:
+        """Load every kept version the server does not list (it restarted), oldest first."""
+        listed = await self._listed()
+        for version, folder in self._versions[-self.keep_versions :]:
+            if listed.get(ADAPTER_PREFIX + version) != folder:
+                await self._load(version, folder, listed)
+
+    async def ready(self, timeout: float) -> str | None:
+        """None when the server answers and serves the current version, else why not."""
+        try:
+            await asyncio.wait_for(self.sync(), timeout)
+        except TimeoutError:
+            return f"{self._where} did not answer within {timeout:g} s"
+        except CAIError as exc:
+            return str(exc)
+        return None
+
+    def version_of(self, model: str) -> str:
+        """The policy version a response's `model` names (the base model is the base version)."""
+        return model.removeprefix(ADAPTER_PREFIX) if model.startswith(ADAPTER_PREFIX) else BASE_VERSION
+
+    async def _served_model(self) -> str:
+        """What new requests name: the newest version's adapter, else the base model."""
+        if self._versions:
+            return ADAPTER_PREFIX + self._versions[-1][0]
+        return await self.resolve_model_id()
+
+    async def _listed(self) -> dict[str, str]:
+        models = (await self._request("GET", "/v1/models")).get("data") or []
+        return {str(m["id"]): str(m.get("root")) for m in models if isinstance(m, dict) and "id" in m}
+
+    async def _load(self, version: str, folder: str, listed: dict[str, str] | None = None) -> None:
+        name = ADAPTER_PREFIX + version
+        body = {"lora_name": name, "lora_path": folder}
+        try:
+            await self._post("/v1/load_lora_adapter", body)
+            return
+        except NotFound as exc:
+            if "Not Found" in str(exc):  # the route itself: vLLM adds it only with runtime updating on
+                raise NotFound(
+                    f"{self._where} has no /v1/load_lora_adapter: start vLLM with --enable-lora and "
+                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true to serve new policy versions"
+                ) from None
+            raise
+        except InvalidArgument as exc:
+            if "already been loaded" not in str(exc):
+                raise
+        # Loaded under this name before: keep it if it is the same folder, else replace it.
+        listed = listed if listed is not None else await self._listed()
+        if listed.get(name) != folder:
+            await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+            await self._post("/v1/load_lora_adapter", body)
+
+    async def _unload_old(self) -> None:
+        """Unload the versions older than the kept ones that no request of ours still runs on."""
+        for version, folder in self._versions[: -self.keep_versions]:
+            name = ADAPTER_PREFIX + version
+            if self._in_flight[name]:
+                continue  # unloaded when its last request is done
+            try:
+                await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+            except NotFound:
+                pass  # a restarted server no longer has it
+            except CAIError as exc:
+                log.warning("adapter not unloaded", extra={"fields": {"adapter": name, "error": str(exc)}})
+                continue  # tried again after the next request or version
+            if (version, folder) in self._versions:  # another request may have unloaded it meanwhile
+                self._versions.remove((version, folder))
+
+    async def _completions(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/completions, counting the request against the model it names; a server that
+        no longer knows our adapter (it restarted) is re-synced and asked once more."""
+        name = str(body["model"])
+        self._in_flight[name] += 1
+        try:
+            try:
+                return await self._request("POST", "/v1/completions", body)
+            except NotFound:
+                if not name.startswith(ADAPTER_PREFIX):
+                    raise
+                await self.sync()
+                return await self._request("POST", "/v1/completions", body)
+        finally:
+            self._in_flight[name] -= 1
+            if len(self._versions) > self.keep_versions and not self._in_flight[name]:
+                await self._unload_old()
+
+    # ---- requests ------------------------------------------------------------------------
 
     async def generate(self, prompt: str, params: SamplingParams) -> list[Completion]:
         params.validate()
-        body = await self._request("POST", "/v1/completions", await self._body(prompt, params))
+        request = await self._body(prompt, params)
+        body = await self._completions(request)
+        version = self.version_of(str(body.get("model") or request["model"]))
         choices = self._choices(body, params.n)
         tokens = self._tokens(choices, body.get("usage"), params.max_new_tokens)
         return [
@@ -90,7 +215,7 @@ class OpenAIBackend(RemoteBackend):
                 str(c.get("text") or ""),
                 count,
                 _FINISH.get(str(c.get("finish_reason")), "stop"),
-                policy_version=self.policy_version,
+                policy_version=version,
             )
             for c, count in zip(choices, tokens, strict=True)
         ]
@@ -136,14 +261,14 @@ class OpenAIBackend(RemoteBackend):
             raise InvalidArgument("prompt: scoring needs a prompt (the first token has no logprob)")
         prompts = [prompt, *(prompt + o for o in options)]
         body = {
-            "model": await self.resolve_model_id(),
+            "model": await self._served_model(),
             "prompt": prompts,
             "max_tokens": 0,  # with echo: the prompt's logprobs only, no new token (vLLM, OpenAI)
             "echo": True,
             "logprobs": 1,
             "temperature": 0,
         }
-        choices = self._choices(await self._request("POST", "/v1/completions", body), len(prompts))
+        choices = self._choices(await self._completions(body), len(prompts))
         rows: list[tuple[list[str], list[float | None]]] = []
         for sent, choice in zip(prompts, choices, strict=True):
             logprobs = choice.get("logprobs") or {}
@@ -166,7 +291,7 @@ class OpenAIBackend(RemoteBackend):
             await self._http.aclose()
             self._http = None
 
-    # ---- requests ------------------------------------------------------------------------
+    # ---- HTTP ----------------------------------------------------------------------------
 
     def _client(self) -> httpx2.AsyncClient:
         loop = asyncio.get_running_loop()
@@ -178,7 +303,7 @@ class OpenAIBackend(RemoteBackend):
 
     async def _body(self, prompt: str, params: SamplingParams) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": await self.resolve_model_id(),
+            "model": await self._served_model(),
             "prompt": prompt,
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,  # 0 is greedy here, unlike TGI
@@ -197,6 +322,13 @@ class OpenAIBackend(RemoteBackend):
         if response.is_error:
             raise status_error(self._where, response.status_code, response_message(response))
         return self._json(response.text)
+
+    async def _post(self, path: str, body: dict[str, Any]) -> None:
+        """A POST whose success is the status alone (vLLM's adapter routes answer in plain text)."""
+        with self._errors():
+            response = await self._client().post(path, json=body)
+        if response.is_error:
+            raise status_error(self._where, response.status_code, response_message(response))
 
     def _json(self, text: str) -> dict[str, Any]:
         try:
