@@ -12,7 +12,7 @@ import click
 
 from cai.engine import RESPONSE_PARAMS, JudgeOptions
 from cai.errors import CAIError, InvalidArgument, NotFound
-from cli.common import device_option, dtype_option, judge_flags
+from cli.common import CAIGroup, device_option, dtype_option, judge_flags
 
 SERVICE = "policy:"  # a running policy service, e.g. policy:127.0.0.1:50051
 
@@ -50,10 +50,10 @@ def _check_adapter(path: str, flag: str) -> Path:
     return folder
 
 
-@click.command("eval")
+@click.group("eval", cls=CAIGroup, invoke_without_command=True)
 @click.option(
     "--policy",
-    required=True,
+    default=None,
     metavar="MODEL[:ADAPTER]",
     help="The model to evaluate: 'default' or a model folder, optionally with ':' and a LoRA adapter "
     "folder (what `cai train` writes to OUTPUT_DIR/model/), or policy:HOST:PORT, a running policy "
@@ -124,8 +124,10 @@ def _check_adapter(path: str, flag: str) -> Path:
 @device_option
 @dtype_option
 @judge_flags
+@click.pass_context
 def eval_command(
-    policy: str,
+    ctx: click.Context,
+    policy: str | None,
     adapter: str | None,
     baseline: str | None,
     judge: str,
@@ -143,7 +145,12 @@ def eval_command(
     judge_options: JudgeOptions,
 ) -> None:
     """Judge's win-rate of a policy over a baseline per prompt category, with a confidence interval,
-    and the refusal rate on benign prompts."""
+    and the refusal rate on benign prompts (`cai eval --policy ...`); `cai eval judge` measures the
+    judge itself on labelled pairs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if policy is None:
+        raise click.UsageError("give --policy MODEL[:ADAPTER] (or a command such as `cai eval judge`)")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cai import constitution as constitution_mod
@@ -247,6 +254,118 @@ def write_report(data: dict[str, Any], out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(out)
+
+
+@eval_command.command("judge")
+@click.option(
+    "--pairs",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSONL of labelled pairs: ours (prompt, better, worse, category) or the CAI paper's HHH "
+    "comparison format (prompt with Options: (A) ... (B) ..., corrects, incorrects). "
+    "Default: the built-in 64 pairs.",
+)
+@click.option("--judge", default="default", show_default=True, metavar="MODEL", help="The judge model.")
+@click.option(
+    "--constitution",
+    "constitution_path",
+    default="default",
+    show_default=True,
+    help="Constitution file or built-in name: its comparison principles guide the judge.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N pairs.")
+@click.option(
+    "--all-principles",
+    is_flag=True,
+    help="Judge every pair under every comparison principle (per-principle figures on every pair; "
+    "as many times slower as there are principles) instead of drawing principles as training does.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the principle draws.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("judge-quality.json"),
+    show_default=True,
+    help="JSON report to write; the reliability diagram goes beside it as a PNG of the same name.",
+)
+@device_option
+@dtype_option
+@judge_flags
+def judge_command(
+    pairs: Path | None,
+    judge: str,
+    constitution_path: str,
+    limit: int | None,
+    all_principles: bool,
+    seed: int,
+    out: Path,
+    device: str | None,
+    dtype: str,
+    judge_options: JudgeOptions,
+) -> None:
+    """How well the judge tells the better answer of a labelled pair from the worse one: accuracy,
+    mean p(right), position consistency, labels at 0.5 and calibration, per category and principle."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    from cai import constitution as constitution_mod
+    from cai import judge_quality
+    from cai.models import DEFAULT_MODEL, is_ready, setup_default_model
+    from cai.paths import default_model_dir
+    from cli.common import console, err_console, quiet_transformers
+
+    if out.is_dir():
+        raise InvalidArgument(f"--out: {out} is a folder; give a file name such as judge-quality.json")
+    records = judge_quality.load_pairs(pairs, limit)
+    cons = constitution_mod.load(constitution_path)
+    if all_principles:
+        judge_options = replace(judge_options, principles=tuple(p.id for p in cons.comparison_principles))
+    elif judge_options.k_principles > len(cons.comparison_principles):
+        raise InvalidArgument(
+            f"--k-principles: {judge_options.k_principles} is more than the "
+            f"{len(cons.comparison_principles)} comparison principles of {cons.id}"
+        )
+    quiet_transformers()
+    if judge == DEFAULT_MODEL and not is_ready(default_model_dir()):
+        setup_default_model(progress=console.print)
+    path = _resolve(judge, "--judge")
+    if path.startswith(SERVICE):
+        raise InvalidArgument("--judge: give a model folder or 'default'; a policy service cannot judge")
+    from cai.backends.transformers import TransformersBackend
+
+    with console.status(f"loading {path}"):
+        backend = TransformersBackend(path, device=device, dtype=dtype)
+    console.print(
+        f"judge {backend.model_id} ({dtype}), constitution {cons.id} {cons.version}, {len(records)} pairs"
+        f"{', every principle' if all_principles else ''}",
+        highlight=False,
+    )
+    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+    async def run(progress: Progress) -> judge_quality.JudgeQualityReport:
+        task = progress.add_task("judgments", total=len(records))
+        try:
+            return await judge_quality.judge_quality(
+                backend,
+                cons,
+                records,
+                judge_options,
+                seed,
+                str(pairs or judge_quality.builtin_pairs_file()),
+                advance=lambda: progress.advance(task),
+            )
+        finally:
+            await backend.close()
+
+    with Progress(*columns, console=console) as progress:
+        report = asyncio.run(run(progress))
+    console.print(judge_quality.report_table(report))
+    for warning in report.warnings():
+        err_console.print(Text.assemble(("warning: ", "yellow"), warning), highlight=False, soft_wrap=True)
+    write_report(report.to_dict(), out)
+    plot = out.with_suffix(".png")
+    judge_quality.plot_reliability(report, plot)
+    console.print(f"wrote {out} and {plot} in {report.duration_s:.0f} s", highlight=False)
 
 
 COMMANDS = [eval_command]
