@@ -163,3 +163,5 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # One line per HTTP request to a model server (health checks included) would drown the rest.
+    logging.getLogger("httpx2").setLevel(max(logging.WARNING, root.level))

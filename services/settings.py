@@ -144,7 +144,7 @@ class PolicySettings(ServiceSettings):
     follow_policy_versions: bool = Field(
         True,
         description="with kafka, load each version the trainer publishes on the policy-versions "
-        "topic (transformers backend)",
+        "topic (transformers backend, or openai on vLLM with runtime LoRA updating)",
     )
     adapter_dir: Path | None = Field(
         None,
