@@ -314,8 +314,6 @@ def judge_command(
     from cai.paths import default_model_dir
     from cli.common import console, err_console, quiet_transformers
 
-    if out.is_dir():
-        raise InvalidArgument(f"--out: {out} is a folder; give a file name such as judge-quality.json")
     records = judge_quality.load_pairs(pairs, limit)
     cons = constitution_mod.load(constitution_path)
     if all_principles:
