@@ -4,7 +4,9 @@
   `{name: {"prompt": [critique request], "edit_request": revision request}}` holds critique and
   revision requests; a list of strings holds comparison principles; a list of transcript strings
   (`Human:`/`Assistant:`/`CritiqueRequest:`/`Critique:`/`RevisionRequest:`/`Revision:`) holds
-  few-shot examples. Give one or more files; each is recognised by its shape.
+  critique/revision few-shot examples; a list of `{"prompt": "\n\nHuman: ...\n\nAssistant:",
+  "corrects": [better answer], "incorrects": [worse answer]}` holds comparison few-shot examples.
+  Give one or more files; each is recognised by its shape.
 - `hf-cai`: the open-LLM recipe's JSON: `{"constitutions": [{"critic", "revision"}],
   "system_chat": [[{role, content}, ...], ...]}`.
 """
@@ -14,9 +16,17 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from cai.constitution import Constitution, CritiqueExample, Message, Principle, Tier
+from cai.constitution import (
+    ComparisonExample,
+    Constitution,
+    Conversation,
+    CritiqueExample,
+    Message,
+    Principle,
+    Tier,
+)
 from cai.errors import InvalidArgument
 
 FORMATS = ("anthropic-2022", "hf-cai")
@@ -24,6 +34,9 @@ IMPORTED_TIER = Tier("harmlessness", "Imported principles; the source format has
 _RATIONALE = "Imported from {source}; the source format records no rationale."
 _TRANSCRIPT_FIELDS = ("Human", "Assistant", "CritiqueRequest", "Critique", "RevisionRequest", "Revision")
 _FIELD_RE = re.compile(r"\n\n(" + "|".join(_TRANSCRIPT_FIELDS) + r"):")
+_TURN_RE = re.compile(r"(?:^|\n+)\s*(Human|Assistant):")
+# The comparison few-shot file names no question; its examples are shown before any principle's.
+IMPORTED_COMPARISON_QUESTION = "Which of the two responses is the better reply?"
 
 
 def _strip_framing(text: str, label: str) -> str:
@@ -67,9 +80,58 @@ def _parse_transcript(text: str, source: str, index: int) -> CritiqueExample:
     )
 
 
+def parse_dialogue(text: str, where: str) -> Conversation:
+    """'Human: ...\\n\\nAssistant: ...' -> messages; empty turns (a trailing 'Assistant:' cue) and
+    the text before the first turn are dropped."""
+    parts = _TURN_RE.split(text)
+    turns: Conversation = []
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
+        if content.strip():
+            turns.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    if not turns:
+        raise InvalidArgument(f"{where}: prompt: no 'Human:' turn found")
+    return turns
+
+
+def _one_answer(entry: dict[str, Any], key: str, where: str) -> str:
+    value = entry.get(key)
+    if not (isinstance(value, list) and len(value) == 1 and isinstance(value[0], str) and value[0].strip()):
+        raise InvalidArgument(f"{where}: {key}: expected a list with one non-empty answer")
+    return value[0].strip()
+
+
+def _comparison_examples(data: list[Any], source: str) -> list[ComparisonExample]:
+    """The paper's comparison few-shot file: a prompt ending with the 'Assistant:' cue, the better
+    answer in `corrects` and the worse in `incorrects`. The better answer is (A) and (B) in turn,
+    so the examples do not teach the judge a favourite position."""
+    examples = []
+    for i, entry in enumerate(data):
+        where = f"{source}: [{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise InvalidArgument(f"{where}: prompt: expected an object with a 'prompt' string")
+        conversation = parse_dialogue(entry["prompt"], where)
+        if conversation[-1]["role"] != "user":
+            raise InvalidArgument(f"{where}: prompt: must end with a 'Human:' turn and the 'Assistant:' cue")
+        better = _one_answer(entry, "corrects", where)
+        worse = _one_answer(entry, "incorrects", where)
+        preferred: Literal["A", "B"] = "A" if i % 2 == 0 else "B"
+        a, b = (better, worse) if preferred == "A" else (worse, better)
+        examples.append(
+            ComparisonExample(
+                conversation=conversation,
+                response_a=a,
+                response_b=b,
+                preferred=preferred,
+                question=IMPORTED_COMPARISON_QUESTION,
+            )
+        )
+    return examples
+
+
 def import_anthropic_2022(paths: list[Path], constitution_id: str) -> Constitution:
     principles: list[Principle] = []
     examples: list[CritiqueExample] = []
+    comparisons: list[ComparisonExample] = []
     for path in paths:
         data = _load_json(path)
         rationale = _RATIONALE.format(source=path.name)
@@ -94,6 +156,8 @@ def import_anthropic_2022(paths: list[Path], constitution_id: str) -> Constituti
                         revision=_strip_framing(entry["edit_request"], "Revision"),
                     )
                 )
+        elif isinstance(data, list) and data and all(isinstance(x, dict) for x in data):
+            comparisons += _comparison_examples(data, str(path))
         elif isinstance(data, list) and all(isinstance(x, str) for x in data) and data:
             if "CritiqueRequest:" in data[0]:
                 examples += [_parse_transcript(t, str(path), i) for i, t in enumerate(data)]
@@ -110,7 +174,8 @@ def import_anthropic_2022(paths: list[Path], constitution_id: str) -> Constituti
         else:
             raise InvalidArgument(
                 f"{path}: not an anthropic-2022 file: expected a dict of critique/revision "
-                "requests, a list of comparison principles or a list of few-shot transcripts"
+                "requests, a list of comparison principles, a list of few-shot transcripts or a list "
+                "of few-shot comparisons (prompt, corrects, incorrects)"
             )
     if not principles:
         raise InvalidArgument(
@@ -124,6 +189,7 @@ def import_anthropic_2022(paths: list[Path], constitution_id: str) -> Constituti
         principles=principles,
         tiers=[IMPORTED_TIER],
         critique_examples=examples,
+        comparison_examples=comparisons,
     )
 
 

@@ -33,13 +33,13 @@ from cai.constitution import Constitution, Conversation
 from cai.engine import CAIEngine, JudgeOptions
 from cai.errors import InvalidArgument
 from cai.evaluation import hard_win, short_name
+from cai.importers import parse_dialogue
 from cai.jsonl import read_objects
 from cai.paths import PACKAGE_DIR
 from cai.records import prompt_seed
 
 UNINFORMATIVE = 0.02  # a label within this of 0.5 carries (almost) no preference
 CONFIDENCE_BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # reliability bins of max(p, 1 - p)
-_TURN = re.compile(r"(?:^|\n+)\s*(Human|Assistant):")
 _OPTIONS = re.compile(r"\(A\)\s*(?P<a>.*?)\s*\(B\)\s*(?P<b>.*?)\s*(?:The answer is:?\s*)?$", re.S)
 _BRACKETED = re.compile(r"^\[\[\[(.*)\]\]\]$", re.S)
 _LETTER = re.compile(r"^\s*\(?([AB])\)?\s*$")
@@ -57,20 +57,6 @@ class LabelledPair:
     better: str
     worse: str
     where: str  # FILE:LINE, for messages
-
-
-def parse_dialogue(text: str, where: str) -> Conversation:
-    """'Human: ...\\n\\nAssistant: ...' -> messages. The text before the first turn is
-    framing and is dropped."""
-    parts = _TURN.split(text)
-    turns: Conversation = []
-    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
-        role = "user" if speaker == "Human" else "assistant"
-        if content.strip():
-            turns.append({"role": role, "content": content.strip()})
-    if not turns:
-        raise InvalidArgument(f"{where}: prompt: no 'Human:' turn found")
-    return turns
 
 
 def _string(row: dict[str, Any], key: str, where: str) -> str:
