@@ -98,3 +98,15 @@ def test_online_benchmarks_run(tiny_model):
     assert [r["load"] for r in served["rows"]] == ["idle", "4 callers"]
     loop = online.online_loop(tiny_model, steps=1, limit=1, rounds=1, device="cpu", dtype="float32")
     assert [r["variant"] for r in loop["rows"]] == ["overlapped", "synchronous"]
+
+
+def test_vllm_gpu_benchmark_without_vllm_measures_our_side(tiny_model, tmp_path):
+    """No vLLM or GPU here: the GPU check says so and runs publish-to-serve-vllm on the stand-in."""
+    from benchmarks import vllm_gpu
+
+    result = vllm_gpu.main(["--model", tiny_model, "--versions", "1", "--out", str(tmp_path)])
+    assert result["vllm"].startswith("not run: ")
+    served = result["publish-to-serve"]
+    assert served["benchmark"] == "publish-to-serve-vllm"
+    assert [(r["load"], r["version"]) for r in served["rows"]] == [("idle", "v1"), ("4 callers", "v2")]
+    assert json.loads((tmp_path / "vllm-gpu.json").read_text())["vllm"] == result["vllm"]
