@@ -34,7 +34,13 @@ SCHEMAS = K8S / "schemas"
 # kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
 # Workloads that must get a GPU in each overlay; any other that asks for one must ask right.
-GPU_WORKLOADS = {"gpu": {"Deployment/cai-tgi", "StatefulSet/cai-trainer"}, "local": set()}
+GPU_WORKLOADS = {"gpu": {"Deployment/cai-policy", "StatefulSet/cai-trainer"}, "local": set()}
+# vLLM serving policy versions (components/vllm-backend) and the trainer settings it must fit:
+# the trainer's defaults (trainer/config.py) where its args do not set them.
+VLLM_IMAGE = "vllm/vllm-openai:"
+TRAINER_DEFAULTS = {"--max-staleness": "2", "--lora-r": "16"}
+VLLM_DEFAULTS = {"--max-loras": "1", "--max-lora-rank": "16"}  # vLLM's own defaults
+POLICY_LOADED_VERSIONS_DEFAULT = "3"  # services/settings.py
 
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 LONG_RUNNING_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"}
@@ -223,6 +229,7 @@ def check_invariants(docs: list[Doc], gpu_workloads: set[str] | None = None) -> 
                 ports = [p for _, c in _containers(pod) for p in c.get("ports") or []]
                 if not any(target in (p.get("name"), p.get("containerPort")) for p in ports):
                     problems.append(f"{name_of(svc)}: port {target} does not exist on {workload}'s pods")
+    problems.extend(check_vllm(docs))
     for pdb in (d for d in docs if d.get("kind") == "PodDisruptionBudget"):
         selector = pdb.get("spec", {}).get("selector")
         if not any(
@@ -230,6 +237,108 @@ def check_invariants(docs: list[Doc], gpu_workloads: set[str] | None = None) -> 
             for w in workloads
         ):
             problems.append(f"{name_of(pdb)}: its selector matches no pod template")
+    return problems
+
+
+def _flag(words: list[str], name: str, default: str | None = None) -> str | None:
+    """The value of `--name=value` or `--name value` in a command line."""
+    for i, word in enumerate(words):
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+        if word == name and i + 1 < len(words):
+            return words[i + 1]
+    return default
+
+
+def _mounts(c: Doc) -> dict[str, str]:
+    return {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
+
+
+def check_vllm(docs: list[Doc]) -> list[str]:
+    """vLLM taking live policy versions: what the trainer publishes must fit what vLLM can load,
+    and the policy service must hand vLLM the adapters through a volume both see at one path."""
+    problems: list[str] = []
+    settings: dict[str, str] = next(
+        (
+            d.get("data") or {}
+            for d in docs
+            if d.get("kind") == "ConfigMap" and d["metadata"]["name"].startswith("cai-settings")
+        ),
+        {},
+    )
+    trainer = next((d for d in docs if name_of(d) == "StatefulSet/cai-trainer"), None)
+    trainer_args: list[str] = []
+    if trainer is not None:
+        for _, c in _containers(_pod_spec(trainer) or {}):
+            trainer_args = [str(w) for w in [*(c.get("command") or []), *(c.get("args") or [])]]
+    publishes = _flag(trainer_args, "--mode") == "online-dpo"
+    window = int(_flag(trainer_args, "--max-staleness", TRAINER_DEFAULTS["--max-staleness"]) or 0) + 1
+    rank = int(_flag(trainer_args, "--lora-r", TRAINER_DEFAULTS["--lora-r"]) or 0)
+    for doc in docs:
+        pod = _pod_spec(doc) or {}
+        containers = dict((c.get("name"), c) for _, c in _containers(pod))
+        for c in containers.values():
+            if not str(c.get("image", "")).startswith(VLLM_IMAGE):
+                continue
+            where = f"{name_of(doc)} container {c.get('name')}"
+            words = [str(w) for w in [*(c.get("command") or []), *(c.get("args") or [])]]
+            served = _flag(words, "--served-model-name")
+            for service in ("CRITIQUE", "JUDGE"):
+                if settings.get(f"CAI_{service}_BACKEND", "").startswith("openai:") and (
+                    settings.get(f"CAI_{service}_SERVED_MODEL") != served
+                ):
+                    problems.append(
+                        f"{where}: CAI_{service}_SERVED_MODEL must name the base model "
+                        f"({served!r}), or {service.lower()} may be served by a policy adapter"
+                    )
+            if not publishes or "policy" not in containers:
+                continue
+            env = {e["name"]: str(e.get("value", "")) for e in c.get("env") or []}
+            if "--enable-lora" not in words:
+                problems.append(f"{where}: the trainer publishes LoRA adapters but vLLM lacks --enable-lora")
+            if env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() not in ("true", "1"):
+                problems.append(
+                    f"{where}: the trainer publishes policy versions but "
+                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING is not true (vLLM cannot load them)"
+                )
+            max_loras = int(_flag(words, "--max-loras", VLLM_DEFAULTS["--max-loras"]) or 0)
+            if max_loras < window:
+                problems.append(
+                    f"{where}: --max-loras {max_loras} < the trainer's max_staleness + 1 ({window}): "
+                    "rollouts on the older versions it still accepts would wait for a slot"
+                )
+            max_rank = int(_flag(words, "--max-lora-rank", VLLM_DEFAULTS["--max-lora-rank"]) or 0)
+            if max_rank < rank:
+                problems.append(f"{where}: --max-lora-rank {max_rank} < the trainer's lora_r ({rank})")
+            loaded = int(settings.get("CAI_POLICY_LOADED_VERSIONS", POLICY_LOADED_VERSIONS_DEFAULT))
+            if not window <= loaded <= max_loras:
+                problems.append(
+                    f"{where}: CAI_POLICY_LOADED_VERSIONS {loaded} must be between the trainer's "
+                    f"max_staleness + 1 ({window}) and --max-loras ({max_loras})"
+                )
+            port = _flag(words, "--port", "8000")
+            if settings.get("CAI_POLICY_BACKEND") != f"openai:http://127.0.0.1:{port}":
+                problems.append(
+                    f"{where}: CAI_POLICY_BACKEND must be openai:http://127.0.0.1:{port}, this pod's vLLM"
+                )
+            folder = settings.get("CAI_POLICY_ADAPTER_DIR", "")
+            policy_volume = _mounts(containers["policy"]).get(folder)
+            if not folder or policy_volume is None or _mounts(c).get(folder) != policy_volume:
+                problems.append(
+                    f"{where}: CAI_POLICY_ADAPTER_DIR ({folder or 'unset'}) must be one volume "
+                    "mounted at that path in both the policy and the vllm container"
+                )
+    if publishes and any(
+        str(c.get("image", "")).startswith(VLLM_IMAGE)
+        for d in docs
+        for _, c in _containers(_pod_spec(d) or {})
+    ):
+        for binding in (d for d in docs if d.get("kind") in ("RoleBinding", "ClusterRoleBinding")):
+            if any(s.get("name") == "cai-trainer" for s in binding.get("subjects") or []):
+                problems.append(
+                    f"{name_of(binding)}: with vLLM loading policy versions the trainer needs no "
+                    "Kubernetes API access"
+                )
     return problems
 
 

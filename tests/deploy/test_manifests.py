@@ -6,7 +6,6 @@ Rendering needs kustomize in .tools/ (`make deploy-check` installs it)."""
 
 from __future__ import annotations
 
-import ast
 import copy
 import importlib.util
 import json
@@ -79,19 +78,12 @@ def test_overlays_pick_their_components() -> None:
     assert settings_of(local)["CAI_POLICY_BACKEND"].startswith("transformers:")
     assert find(local, "StatefulSet", "kafka")
     assert not [d for d in local if not check.is_builtin(d)]
-    assert settings_of(gpu)["CAI_POLICY_BACKEND"] == "tgi:http://cai-tgi:8080"
+    assert settings_of(gpu)["CAI_POLICY_BACKEND"] == "openai:http://127.0.0.1:8000"
     assert settings_of(gpu)["KAFKA_BOOTSTRAP"] == "cai-kafka-bootstrap:9092"
     assert not [d for d in gpu if d["kind"] == "Job"]  # Strimzi's KafkaTopics replace the Job
     args = find(gpu, "StatefulSet", "cai-trainer")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--rollout-deployment") + 1] == "cai/cai-tgi"
-    assert find(gpu, "Role", "cai-trainer-rollout")["rules"] == [
-        {
-            "apiGroups": ["apps"],
-            "resources": ["deployments"],
-            "resourceNames": ["cai-tgi"],
-            "verbs": ["get", "patch"],
-        }
-    ]
+    assert "--rollout-deployment" not in args  # vLLM loads each version: nothing to roll
+    assert not [d for d in gpu if d["kind"] in ("Role", "RoleBinding")]
     for stage in ("policy", "critique", "judge"):
         assert "replicas" not in find(gpu, "Deployment", f"cai-{stage}")["spec"]  # KEDA owns it
 
@@ -182,24 +174,6 @@ def test_keda_watches_the_stage_groups() -> None:
         (trigger,) = scaled["spec"]["triggers"]
         assert trigger["metadata"]["consumerGroup"] == stage_group(stage)
         assert trigger["metadata"]["topic"] in STAGE_INPUTS[stage]
-
-
-def test_tgi_adapter_script_uses_the_trainer_api() -> None:
-    """The TGI pod's init container builds a PolicyVersion and calls fetch_adapter."""
-    from dataclasses import fields
-
-    from cai import policy_versions
-
-    tgi = find(rendered("gpu"), "Deployment", "cai-tgi")
-    (adapter,) = [c for c in tgi["spec"]["template"]["spec"]["initContainers"] if c["name"] == "adapter"]
-    script = adapter["args"][0]
-    ast.parse(script)
-    assert [f.name for f in fields(policy_versions.PolicyVersion)][:4] == ["version", "uri", "sha256", "step"]
-    assert callable(policy_versions.fetch_adapter)
-    annotations = {e["valueFrom"]["fieldRef"]["fieldPath"] for e in adapter["env"]}
-    from trainer.rollout import ANNOTATIONS
-
-    assert annotations == {f"metadata.annotations['{a}']" for a in ANNOTATIONS}
 
 
 # ---- every invariant can fail -------------------------------------------------------------------
@@ -321,15 +295,16 @@ def test_invariant_fails_on_a_broken_manifest(breakage: str) -> None:
 
 def test_gpu_workload_without_a_gpu_fails() -> None:
     docs = rendered("gpu")
-    tgi = _container(docs, "Deployment", "cai-tgi")
+    pod = _pod(docs, "Deployment", "cai-policy")
+    (vllm,) = [c for c in pod["containers"] if c["name"] == "vllm"]
     for part in ("requests", "limits"):
-        tgi["resources"][part].pop("nvidia.com/gpu")
-    _pod(docs, "Deployment", "cai-tgi").pop("nodeSelector")
-    _pod(docs, "Deployment", "cai-tgi").pop("tolerations")
+        vllm["resources"][part].pop("nvidia.com/gpu")
+    pod.pop("nodeSelector")
+    pod.pop("tolerations")
     problems = check.check_invariants(docs, check.GPU_WORKLOADS["gpu"])
-    assert problems == ["Deployment/cai-tgi: is a GPU workload but requests no nvidia.com/gpu"]
-    docs = [d for d in docs if d["metadata"]["name"] != "cai-tgi"]
-    assert "Deployment/cai-tgi: GPU workload missing from the manifests" in check.check_invariants(
+    assert problems == ["Deployment/cai-policy: is a GPU workload but requests no nvidia.com/gpu"]
+    docs = [d for d in docs if d["metadata"]["name"] != "cai-trainer"]
+    assert "StatefulSet/cai-trainer: GPU workload missing from the manifests" in check.check_invariants(
         docs, check.GPU_WORKLOADS["gpu"]
     )
 

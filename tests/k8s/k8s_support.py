@@ -15,7 +15,7 @@ OVERLAYS = REPO / "deploy" / "k8s" / "overlays"
 NAMESPACE = "cai"
 # The overlays under test; the workloads whose pods must run on GPU nodes in each (every other pod
 # must run on a CPU node).
-ON_GPU: dict[str, set[str]] = {"local": set(), "gpu": {"cai-trainer", "cai-tgi"}}
+ON_GPU: dict[str, set[str]] = {"local": set(), "gpu": {"cai-trainer", "cai-policy"}}
 
 
 def _load_controlplane() -> Any:
