@@ -75,8 +75,9 @@ $(VENV)/.bench-installed: $(INSTALLED)
 	$(BIN)/python -m pip install --quiet --no-deps "langchain-huggingface>=1.2.3,<2"
 	touch $@
 
-bench: model tools $(VENV)/.bench-installed  ## run the benchmarks; prints tables, writes benchmarks/results/*.json
+bench: model tools kafka $(VENV)/.bench-installed  ## run the benchmarks; prints tables, writes benchmarks/results/*.json
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.online
 
 $(KUSTOMIZE):
 	GOBIN=$(TOOLS) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
