@@ -30,7 +30,8 @@ from cai.kafka.topics import TopicSpec, create_topics
 from cai.policy_versions import ADAPTER_FILES, KafkaPublisher, PolicyServer, version_index
 from cai.records import PolicyVersion
 from cai.v1 import records_pb2
-from tests.kafka.test_stream import prompt, push_prompts, scrape, wait_for
+from services.server import start_service
+from tests.kafka.test_stream import prompt, push_prompts, scrape, settings, wait_for
 from tests.reliability.support import free_port
 
 pytestmark = pytest.mark.integration
@@ -122,6 +123,22 @@ async def test_rollouts_carry_the_vllm_adapter_that_served_them(kafka_broker, tm
         await until(lambda: "policy-v3" in vllm.adapters, "the restarted server to be re-synced")
         await batch(12, "v3")
         metrics = scrape(metrics_port)
+        # critique and judge on the same engine name its base model, whatever the policy serves
+        served_before = len(vllm.served)
+        stopping = asyncio.Event()
+        feedback = []
+        for name in ("critique", "judge"):
+            s = settings(name, bootstrap, prefix, backend=f"openai:{vllm.url}")
+            running = await start_service(name, s)
+            feedback.append((running, asyncio.ensure_future(running.stream(s).run(stopping))))
+        try:
+            revisions = await wait_for(bootstrap, prefix + "revisions", records_pb2.RevisionRecord, 16)
+            preferences = await wait_for(bootstrap, prefix + "preferences", records_pb2.PreferenceRecord, 16)
+        finally:
+            stopping.set()
+            for running, task in feedback:
+                await task
+                await running.stop(0)
     finally:
         service.send_signal(signal.SIGTERM)
         code = service.wait(60)
@@ -141,3 +158,7 @@ async def test_rollouts_carry_the_vllm_adapter_that_served_them(kafka_broker, tm
     assert list(vllm.adapters) == ["policy-v2", "policy-v3"] and "policy-v1" in vllm.unloads
     assert 'cai_policy_version_loads_total{outcome="ok",service="policy"} 3.0' in metrics
     assert 'cai_policy_version_loads_total{outcome="failed",service="policy"}' in metrics
+    # the feedback records name the base model after the policy's: never the policy's adapter
+    for record in [*revisions, *preferences]:
+        assert list(record.metadata.model_ids)[1:] == ["base-model"], record.metadata.model_ids
+    assert set(vllm.served[served_before:]) == {"base-model"}
