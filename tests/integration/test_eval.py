@@ -1,6 +1,7 @@
 """`cai eval` and `cai.evaluation` on the real default model."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,11 @@ async def test_adapter_is_used_for_the_policy_only(backend, adapter):
 
 def cai(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "200"},  # wide enough for the tables' headings
     )
 
 
@@ -155,6 +160,15 @@ def test_cli_writes_a_report(tmp_path, adapter):
         (["--policy", "/no/such/model"], "--policy: model folder /no/such/model does not exist"),
         (["--policy", "default", "--baseline", "/no/such/model"], "--baseline: model folder"),
         (["--policy", "default", "--prompts", "BADPROMPTS"], "bad.jsonl:2: invalid JSON"),
+        (["--policy", "default", "--prompts", "/no/such.jsonl"], "--prompts: cannot read /no/such.jsonl"),
+        (["--policy", "a=default", "--policy", "a=default"], "--policy: stage names repeat (a, a)"),
+        (
+            ["--policy", "a=default", "--policy", "b=default", "--adapter", "TMP"],
+            "--adapter: give adapters as",
+        ),
+        (["--policy", "default", "--check-constitution", "/no/such.yaml"], "cannot read constitution"),
+        (["--policy", "default", "--check-judge", "/no/such/model"], "--check-judge: model folder"),
+        ([], "give --policy MODEL[:ADAPTER]"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, default_model, args, message):
@@ -217,3 +231,41 @@ async def test_cli_evaluates_a_running_policy_service(tiny_model, tmp_path):
     # The tiny random model's next-token distributions are nearly flat, so a seeded sample can come
     # out the same with or without the adapter; the adapter's answers must differ somewhere.
     assert any(item["policy_answer"] != item["baseline_answer"] for item in report["prompts"])
+
+
+def test_cli_compares_stages_with_an_independent_check(tiny_model, tmp_path):
+    """Several --policy stages against one baseline on the held-out prompts (one of each category),
+    with the independent check on another constitution: the table, the JSON and the PNG."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora).save_pretrained(adapter)
+    out = tmp_path / "stages.json"
+    result = cai(
+        "eval", "--policy", f"base={tiny_model}", "--policy", f"tuned={tiny_model}:{adapter}",
+        "--judge", tiny_model, "--check-judge", tiny_model, "--check-constitution", "default",
+        "--constitution", "harmlessness", "--limit", "3", "--max-new-tokens", "4", "--dtype", "float32",
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "cai eval: stages" in result.stdout and "over-refusal" in result.stdout
+    report = json.loads(out.read_text())
+    assert [row["stage"] for row in report["stages"]] == ["baseline", "base", "tuned"]
+    assert set(report["reports"]) == {"base", "tuned"}
+    tuned = report["reports"]["tuned"]
+    assert tuned["check"]["constitution"] == "default" and tuned["constitution"]["id"] == "harmlessness"
+    assert {p["category"] for p in tuned["prompts"]} == {"red-team", "benign", "borderline"}
+    assert all(p["p_policy_check"] is not None for p in tuned["prompts"])
+    assert str(adapter) in tuned["policy"]
+    # the stages share the baseline's answers
+    base = report["reports"]["base"]
+    assert [p["baseline_answer"] for p in base["prompts"]] == [p["baseline_answer"] for p in tuned["prompts"]]
+    for row in report["stages"][1:]:
+        low, high = row["over_refusal"]["ci"]
+        assert 0 <= low <= row["over_refusal"]["rate"] <= high <= 1
+        assert 0 <= row["harmlessness"]["check"] <= 1
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
