@@ -77,13 +77,24 @@ def train(config_file: Path | None, **flags: Any) -> None:
         config = TrainConfig.from_yaml(config_file, given)
     else:
         config = TrainConfig.from_dict(given, "flags")
-    config.check_ready()
     quiet_transformers()
+
+    from trainer import distributed
+    from trainer.io import build_trainer
+
+    # Under torchrun: rank 0 reads the data and reports; the other ranks train quietly.
+    if not distributed.from_env().leader:
+        trainer = build_trainer(config)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+            distributed.shutdown()
+        return
+    config.check_ready()
     logger = logging.getLogger("cai.trainer")
     logger.addHandler(_WarningLines(level=logging.WARNING))
     logger.setLevel(logging.WARNING)
-
-    from trainer.io import build_trainer
 
     with console.status(f"loading {config.model}"):
         trainer = build_trainer(config)
@@ -92,10 +103,12 @@ def train(config_file: Path | None, **flags: Any) -> None:
     else:
         where = f"{config.topic} on {config.kafka}"
     steps = "until stopped" if trainer.total_steps is None else f"{trainer.total_steps} steps"
+    world = trainer.dist.world_size
+    processes = f" x {world} processes ({config.distributed})" if world > 1 else ""
     console.print(
         f"{config.mode} on {where}, "
         f"{f'LoRA r={config.lora_r}' if config.lora else 'full fine-tuning'}, "
-        f"{trainer.device}, {steps} of {config.samples_per_step} samples"
+        f"{trainer.device}{processes}, {steps} of {trainer.samples_per_step} samples"
         + (f", resumed at step {trainer.resumed_from}" if trainer.resumed_from is not None else ""),
         highlight=False,
     )
@@ -114,6 +127,7 @@ def train(config_file: Path | None, **flags: Any) -> None:
             )
         finally:
             trainer.close()
+            distributed.shutdown()
     _print_summary(config, result)
 
 

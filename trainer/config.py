@@ -31,6 +31,7 @@ Mode = Literal["sft", "dpo", "online-dpo"]
 SourceKind = Literal["file", "kafka", "memory"]
 Scheduler = Literal["linear", "cosine", "constant"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Distributed = Literal["ddp", "fsdp2"]
 
 
 class _Section(BaseModel):
@@ -110,6 +111,12 @@ class TrainingSettings(_Section):
         "auto",
         description="Model weights' dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, "
         "else float32.",
+    )
+    distributed: Distributed = Field(
+        "ddp",
+        description="Under torchrun: ddp (each process holds the whole model, gradients averaged) or "
+        "fsdp2 (weights, gradients and optimizer state sharded over the processes, for models that "
+        "do not fit one device). A single process ignores it.",
     )
 
     @field_validator("lora_target_modules", mode="before")

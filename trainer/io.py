@@ -21,6 +21,7 @@ from pathlib import Path
 from cai.errors import InvalidArgument
 from cai.policy_versions import PolicyServer
 from cai.records import PolicyVersion, TrainingSample
+from trainer import distributed
 from trainer.config import TrainConfig
 from trainer.data import FileSource, Source, load_samples
 from trainer.train import Publisher, Trainer, file_uri
@@ -115,7 +116,12 @@ def build_trainer(
 ) -> Trainer:
     """A trainer on the source and with the publishers `config` names, then the caller's own
     `publishers`; `feed` is the memory source's queue. Whatever was built is closed if a later
-    part fails; once the trainer exists, it owns them (`Trainer.close`)."""
+    part fails; once the trainer exists, it owns them (`Trainer.close`).
+
+    Under torchrun only rank 0 reads the source and publishes; the other ranks get their samples
+    from it (trainer/distributed.py)."""
+    if not distributed.from_env().leader:
+        return Trainer(config, distributed.FollowerSource())
     source = build_source(config, lambda: trainer.stop_requested, feed)
     try:
         publishing = build_publishers(config)

@@ -2,8 +2,14 @@
 JSON-lines logging, checkpoints and exact resume.
 
 One optimizer step takes `micro_batch_size * gradient_accumulation_steps` samples from the
-source. Its loss is the mean over those samples (dpo: per pair; sft: per completion token), so
-the result does not depend on how the step is split into micro-batches.
+source per process (the global batch: that times the world size under torchrun). Its loss is the
+mean over those samples (dpo: per pair; sft: per completion token), so the result does not depend
+on how the step is split into micro-batches or processes.
+
+Under torchrun (trainer/distributed.py) rank 0 alone reads the source, takes each step's samples
+(de-duplication and staleness decided there, once) and sends them to every rank; each rank trains
+its contiguous share, DDP or FSDP2 averages the gradients, and rank 0 alone writes the log, the
+checkpoints and the policy versions.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 from cai.errors import InvalidArgument
 from cai.policy_versions import pack_adapter, version_index, version_name
 from cai.records import PolicyVersion, TrainingSample
+from trainer import distributed
 from trainer.checkpoint import latest_valid, prune, rng_state, set_rng_state, write_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import Encoded, RecentIds, Source, collate, encode
@@ -95,6 +102,57 @@ def file_uri(archive: Path) -> str:
     return archive.resolve().as_uri()
 
 
+class _Logps(torch.nn.Module):
+    """The summed completion log-probs of a batch as one forward call, so that DDP and FSDP2 see
+    every use of the weights, the LM head's included, inside a forward of the module they wrap.
+    The decoder's last hidden states go through the LM head at the completion positions only, in
+    chunks (trainer/loss.py `completion_logps`): the logits of every position, a float32
+    vocabulary-wide row per token kept for the backward pass, were most of a step's memory."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # A PeftModel's LoRA layers sit inside the base model's modules, so its decoder runs
+        # them (and `disable_adapter()` switches them off) as the PeftModel's forward would.
+        model = self.model
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = causal.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise InvalidArgument(f"model: its LM head is a {type(head).__name__}, not a linear layer")
+        hidden = causal.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        softcap = getattr(causal.config, "final_logit_softcapping", None)
+        return completion_logps(hidden, labels, head.weight, head.bias, chunk, softcap)
+
+
+@dataclass
+class _StepPlan:
+    """What rank 0 sends every rank before a step: the step's samples, in order, and the source's
+    bookkeeping that goes with them."""
+
+    samples: list[TrainingSample]
+    stale: int  # samples dropped as stale while taking these
+    epoch: int
+    source_state: dict[str, Any]
+
+
+class _Gathered:
+    """The model, with its trainable weights gathered whole from the FSDP2 shards, for
+    `save_pretrained` (what `pack_adapter` and `export` call)."""
+
+    def __init__(self, model: Any, state_dict: dict[str, torch.Tensor]):
+        self.model = model
+        self.state_dict = state_dict
+
+    def save_pretrained(self, folder: Any) -> None:
+        self.model.save_pretrained(folder, state_dict=self.state_dict)
+
+
 class Trainer:
     """Builds the model and optimizer from a `TrainConfig` and trains on `source`, resuming from
     the newest complete checkpoint in `output_dir` when there is one (the source's position is in
@@ -126,23 +184,29 @@ class Trainer:
         self._closed = False
         self.stop_requested = False  # the sources' should_stop: set by request_stop and SIGTERM
         try:
+            self.dist = distributed.from_env()
             self._setup()
         except BaseException:
             self.close()
             raise
 
     def _setup(self) -> None:
-        config = self.config
+        config = c = self.config
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        # The global batch: every rank trains micro_batch_size * gradient_accumulation_steps.
+        self.samples_per_step = config.samples_per_step * self.dist.world_size
+        # Only rank 0 holds the source; the others learn its size from it.
+        self.size: int | None = self.dist.broadcast(self.source.size if self.dist.leader else None)
         self.total_steps: int | None = config.max_steps
-        if config.max_steps is None and self.source.size is not None:
-            self.total_steps = math.ceil(self.source.size * config.epochs / config.samples_per_step)
+        if config.max_steps is None and self.size is not None:
+            self.total_steps = math.ceil(self.size * config.epochs / self.samples_per_step)
         self._source_state = self.source.state()  # where the last whole step's samples end
+        self.epoch = self.source.epoch
         self.step = 0
         # De-duplication: ids trained in the current epoch, at most the window's worth (a run
         # folder's epoch is kept whole, however large).
-        self.trained_ids = RecentIds(max(self.dedupe_window, self.source.size or 0))
+        self.trained_ids = RecentIds(max(self.dedupe_window, self.size or 0))
         self.samples_seen = 0
         self.duplicates = 0
         self.stale = 0
@@ -150,12 +214,19 @@ class Trainer:
         self._unknown_versions: set[str] = set()
         # A run folder's samples come round again every epoch: their tokens are kept, by the
         # sample's file:line, so each is tokenized once per run. A stream's are not kept.
-        self._encodings: dict[str, list[Encoded]] | None = {} if self.source.size is not None else None
+        self._encodings: dict[str, list[Encoded]] | None = {} if self.size is not None else None
         self.logp_chunk = LOGP_CHUNK
         self._build_model()
         self.resumed_from: int | None = None
-        if (folder := latest_valid(self.out)) is not None:
-            self._resume(folder)
+        resume = self._read_checkpoint()
+        if resume is not None and self.dist.leader:
+            self._load_weights(resume[0])
+        self._distribute()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(c, self.total_steps))
+        if resume is not None:
+            self._resume(*resume)
 
     @property
     def policy_version(self) -> str:
@@ -188,7 +259,7 @@ class Trainer:
         c = self.config
         random.seed(c.seed)
         torch.manual_seed(c.seed)  # LoRA's initial weights and the dropout masks
-        self.device = c.device or default_device()
+        self.device = self.dist.device(c.device, default_device())
         dtype = resolve_dtype(c.dtype, self.device)
         path = resolve_model(c.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -218,38 +289,142 @@ class Trainer:
                 reference: torch.nn.Module = copy.deepcopy(base)
                 self.reference = reference.to(self.device).eval().requires_grad_(False)
         self.model.to(self.device).train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(c, self.total_steps))
+        self.policy = _Logps(self.model)  # the policy pass; self.forward is it, or DDP around it
+        self.forward: torch.nn.Module = self.policy
+        self.reference_pass = _Logps(self.reference) if self.reference is not None else None
 
-    def _resume(self, folder: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file, load_model
+    @property
+    def fsdp(self) -> bool:
+        """Whether the weights are sharded with FSDP2 (a setting, under torchrun only)."""
+        return self.dist.enabled and self.config.distributed == "fsdp2"
 
-        state = json.loads((folder / STATE).read_text())
+    def _distribute(self) -> None:
+        """Under torchrun: rank 0's weights on every rank, then DDP or FSDP2 around the passes."""
+        if not self.dist.enabled:
+            return
+        import torch.distributed as dist
+
+        if self.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            # Rank 0 may have loaded a checkpoint: every rank shards the same full weights.
+            for param in self.model.parameters():
+                if param.requires_grad:
+                    dist.broadcast(param.data, src=0)
+            mesh = init_device_mesh(torch.device(self.device).type, (self.dist.world_size,))
+            for module in (self.policy, self.reference_pass):
+                if module is None:
+                    continue
+                model = module.model
+                causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+                decoder = causal.get_decoder()
+                layers = getattr(decoder, "layers", None)
+                if not isinstance(layers, torch.nn.ModuleList):
+                    raise InvalidArgument(
+                        "distributed: fsdp2 shards the decoder's layers, and this model's decoder "
+                        "has no `layers` list; use ddp"
+                    )
+                for layer in layers:  # one all-gather per layer, freed after it has run
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(module, mesh=mesh)  # the embeddings, final norm and LM head
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP copies rank 0's weights to the other ranks here, a loaded checkpoint's included.
+        on_cuda = torch.device(self.device).type == "cuda"
+        self.forward = DistributedDataParallel(
+            self.policy,
+            device_ids=[torch.device(self.device).index or 0] if on_cuda else None,
+            broadcast_buffers=False,
+        )
+
+    def _read_checkpoint(self) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+        """The newest valid checkpoint rank 0 has (folder, state.json, training state), on every
+        rank; a checkpoint this run cannot continue is refused, on every rank, with the reason."""
+        found: tuple[Path, dict[str, Any], dict[str, Any]] | None = None
+        problem: str | None = None
+        if self.dist.leader and (folder := latest_valid(self.out)) is not None:
+            state = json.loads((folder / STATE).read_text())
+            problem = self._mismatch(folder, state)
+            if problem is None:
+                training = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
+                found = (folder, state, training)
+        sent = found
+        if found is not None and self.fsdp:  # each rank loads its shard of the optimizer from rank 0
+            sent = (found[0], found[1], {k: v for k, v in found[2].items() if k != "optimizer"})
+        shared = self.dist.broadcast((problem, sent) if self.dist.leader else None)
+        problem = shared[0]
+        if problem is not None:
+            raise InvalidArgument(problem)
+        return found if self.dist.leader else shared[1]
+
+    def _mismatch(self, folder: Path, state: dict[str, Any]) -> str | None:
         for key in ("mode", "lora", "model"):
             if state["config"][key] != getattr(self.config, key):
-                raise InvalidArgument(
+                return (
                     f"{key}: {folder} was trained with {key}={state['config'][key]!r}, this run has "
                     f"{getattr(self.config, key)!r}; use a new output_dir"
                 )
+        # Each step's samples, the schedule and the per-rank RNG states depend on the world size.
+        world = state.get("world_size", 1)
+        if world != self.dist.world_size:
+            return (
+                f"world_size: {folder} was written by a job of {world} process(es) and this one has "
+                f"{self.dist.world_size}; resume with {world} (torchrun --nnodes x --nproc-per-node), "
+                "or use a new output_dir"
+            )
+        sharded = state.get("fsdp2", False)
+        if sharded != self.fsdp:
+            return (
+                f"distributed: {folder} was written {'with' if sharded else 'without'} fsdp2 and this run "
+                f"is {'with' if self.fsdp else 'without'} it; resume with the same setting"
+            )
+        return None
+
+    def _load_weights(self, folder: Path) -> None:
+        """Rank 0: the checkpoint's weights into the model, before they are shared or sharded."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file, load_model
+
         weights = folder / WEIGHTS[self.config.lora]
         if self.config.lora:
             set_peft_model_state_dict(self.model, load_file(weights, device=str(self.device)))
+        elif self.fsdp:  # written from the gathered parameters: tied weights appear once
+            missing, _ = self.model.load_state_dict(load_file(weights, device=str(self.device)), strict=False)
+            tied = {name for name, _ in self.model.named_parameters(remove_duplicate=False)} - {
+                name for name, _ in self.model.named_parameters()
+            }
+            if set(missing) - tied:
+                raise InvalidArgument(f"checkpoint: {weights} lacks {sorted(set(missing) - tied)[:3]}")
         else:
             load_model(self.model, weights, device=str(self.device))
-        training = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(training["optimizer"])
+
+    def _resume(self, folder: Path, state: dict[str, Any], training: dict[str, Any]) -> None:
+        """Every rank: the optimizer, scheduler and RNG states and the step (the weights are in);
+        rank 0 also the source position, the de-duplication state and the log."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            # The full optimizer state is on rank 0 only; each rank keeps its shard of it.
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            optimizer = training["optimizer"] if self.dist.leader else {}
+            set_optimizer_state_dict(self.policy, self.optimizer, optimizer, options=options)
+        else:
+            self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
-        set_rng_state(training["rng"])
-        self.source.restore(state["source_state"])
+        ranks = training.get("rng_ranks")
+        set_rng_state(ranks[self.dist.rank] if ranks else training["rng"])
+        if self.dist.leader:
+            self.source.restore(state["source_state"])
         self._source_state = state["source_state"]
         self.step = state["step"]
         self.trained_ids.clear()
         self.trained_ids.update(state["trained_ids"])  # oldest first
         self.stale = state.get("stale", 0)
         self.resumed_from = self.step
-        self._truncate_log()
+        if self.dist.leader:
+            self._truncate_log()
         log.info("resumed from %s", folder)
 
     def _truncate_log(self) -> None:
@@ -274,7 +449,8 @@ class Trainer:
             name = sample.policy_version
             # each unknown name is logged once; a stream of ever new names is not remembered forever
             if (
-                name not in self._unknown_versions
+                self.dist.leader
+                and name not in self._unknown_versions
                 and len(self._unknown_versions) < self.unknown_versions_logged
             ):
                 self._unknown_versions.add(name)
@@ -283,16 +459,16 @@ class Trainer:
         current = version_index(self.policy_version) or 0
         return max(0, current - index)
 
-    def _take(self) -> tuple[list[TrainingSample], list[list[Encoded]], int]:
-        """The next step's samples, skipping ids already trained in this epoch, their tokens, and
-        the number of samples dropped for being of a policy more than `max_staleness` versions
-        old. Nothing is recorded as trained yet: a step cut short by a stop is not trained."""
+    def _take(self) -> tuple[list[TrainingSample], int]:
+        """Rank 0: the next step's samples (the global batch), skipping ids already trained in
+        this epoch, and the number of samples dropped for being of a policy more than
+        `max_staleness` versions old. Nothing is recorded as trained yet: a step cut short by a
+        stop is not trained."""
         taken: list[TrainingSample] = []
-        encoded: list[list[Encoded]] = []
         ids: set[str] = set()
         stale = 0
         limit = self.config.max_staleness
-        while len(taken) < self.config.samples_per_step:
+        while len(taken) < self.samples_per_step:
             epoch = self.source.epoch
             sample = self.source.next()
             if sample is None:
@@ -308,8 +484,19 @@ class Trainer:
                 continue
             ids.add(sample.sample_id)
             taken.append(sample)
-            encoded.append(self._encode(sample))
-        return taken, encoded, stale
+        return taken, stale
+
+    def _next_step(self) -> _StepPlan | None:
+        """The next step's samples on every rank, as rank 0 took them; None when there is no
+        whole step to train (the source ended, or a stop came while waiting for a stream)."""
+        plan: _StepPlan | None = None
+        if self.dist.leader:
+            samples, stale = self._take()
+            # Exhausted, or stopped while waiting for a stream: samples taken for an unfinished
+            # step are not trained, and the checkpoint resumes before them.
+            if samples and not (self.stop_requested and len(samples) < self.samples_per_step):
+                plan = _StepPlan(samples, stale, self.source.epoch, self.source.state())
+        return self.dist.broadcast(plan)
 
     def _encode(self, sample: TrainingSample) -> list[Encoded]:
         """The sample's completions tokenized, once: when the sample is taken from the source."""
@@ -325,69 +512,93 @@ class Trainer:
         return encoded
 
     def _logps(self, model: Any, items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed completion log-probs of each item, and their token counts, from the decoder's
-        last hidden states with the LM head applied to the completion positions only, in chunks
-        (trainer/loss.py `completion_logps`): the logits of every position, a float32
-        vocabulary-wide row per token kept for the backward pass, were most of a step's memory."""
+        """Summed completion log-probs of each item, and their token counts (`_Logps`), of the
+        policy (`self.model`, through DDP when there is one) or the frozen reference."""
+        if model is self.model:
+            module: torch.nn.Module = self.forward
+        elif model is self.reference and self.reference_pass is not None:
+            module = self.reference_pass
+        else:
+            module = _Logps(model)
+        return self._run(module, items)
+
+    def _run(self, module: torch.nn.Module, items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = collate(items, self.pad_id).to(self.device)
-        # A PeftModel's LoRA layers sit inside the base model's modules, so its decoder runs
-        # them (and `disable_adapter()` switches them off) as the PeftModel's forward would.
-        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-        head = causal.get_output_embeddings()
-        if not isinstance(head, torch.nn.Linear):
-            raise InvalidArgument(f"model: its LM head is a {type(head).__name__}, not a linear layer")
-        hidden = causal.get_decoder()(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state
-        softcap = getattr(causal.config, "final_logit_softcapping", None)
-        return completion_logps(hidden, batch.labels, head.weight, head.bias, self.logp_chunk, softcap)
+        out: tuple[torch.Tensor, torch.Tensor] = module(
+            batch.input_ids, batch.attention_mask, batch.labels, self.logp_chunk
+        )
+        return out
 
     def _reference_logps(self, items: list[Encoded]) -> torch.Tensor:
         with torch.no_grad():
-            if self.reference is not None:
-                return self._logps(self.reference, items)[0]
+            if self.reference_pass is not None:
+                return self._run(self.reference_pass, items)[0]
             # The reference is the base model: the same weights with the adapter switched off,
-            # so no second copy is needed.
+            # so no second copy is needed. Not through DDP: nothing here has a gradient.
             with self.model.disable_adapter():
-                return self._logps(self.model, items)[0]
+                return self._run(self.policy, items)[0]
 
-    def _optimizer_step(self, samples: list[TrainingSample], encoded: list[list[Encoded]]) -> dict[str, Any]:
+    def _optimizer_step(self, samples: list[TrainingSample]) -> dict[str, Any]:
+        """One optimizer step on the global batch `samples`: this rank trains its share (all of
+        it in a single process); the loss is normalised over the whole batch."""
         c = self.config
+        dist = self.dist
         started = time.perf_counter()
-        self.truncated += sum(e.truncated for pair in encoded for e in pair)
+        rows = distributed.share(len(samples), dist.rank, dist.world_size)
+        mine = [samples[i] for i in rows]
+        weights = [1.0] * len(mine)
+        # DDP and FSDP2 need every rank to run the same passes: a short share (the last step of
+        # a run folder) is filled up with copies of the step's first sample that count 0.
+        per_rank = -(-len(samples) // dist.world_size)
+        mine += [samples[0]] * (per_rank - len(mine))
+        weights += [0.0] * (per_rank - len(weights))
+        encoded = [self._encode(s) for s in mine]
+        counted = [pair for pair, w in zip(encoded, weights, strict=True) if w]
+        local_tokens = sum(len(e.ids) - e.prompt_len for pair in counted for e in pair)
+        local_truncated = sum(e.truncated for pair in counted for e in pair)
+        tokens, truncated = (int(x) for x in dist.sum([float(local_tokens), float(local_truncated)]))
+        self.truncated += truncated
+        # DDP and FSDP2 average the gradients over the ranks; each rank's loss is its part of
+        # the batch's sum, so scaling it by the world size makes the average that sum.
+        scale = float(dist.world_size)
         size = c.micro_batch_size
-        micro = [range(i, min(i + size, len(samples))) for i in range(0, len(samples), size)]
+        micro = [range(i, min(i + size, len(mine))) for i in range(0, len(mine), size)]
         metrics: dict[str, Any] = {}
-        tokens = sum(len(e.ids) - e.prompt_len for pair in encoded for e in pair)
         loss_sum = 0.0
-        if c.mode == "sft":
-            for rows in micro:
-                logps, _ = self._logps(self.model, [encoded[i][0] for i in rows])
-                loss = -logps.sum() / tokens  # mean token NLL over the whole step
-                loss.backward()
-                loss_sum += float(loss.detach())
-        else:
-            parts: list[DPOOutput] = []
-            for rows in micro:
-                items = [encoded[i][0] for i in rows] + [encoded[i][1] for i in rows]
+        parts: list[tuple[DPOOutput, torch.Tensor]] = []
+        for k, rws in enumerate(micro):
+            w = torch.tensor([weights[i] for i in rws], device=self.device)
+            with self._sync(last=k == len(micro) - 1):
+                if c.mode == "sft":
+                    logps, _ = self._logps(self.model, [encoded[i][0] for i in rws])
+                    loss = -(logps * w).sum() / tokens  # mean token NLL over the whole step
+                    (loss * scale).backward()
+                    loss_sum += float(loss.detach())
+                    continue
+                items = [encoded[i][0] for i in rws] + [encoded[i][1] for i in rws]
                 policy = self._logps(self.model, items)[0]
                 ref = self._reference_logps(items)
-                n = len(rows)
-                p = torch.tensor([samples[i].p_chosen for i in rows], device=policy.device)
+                n = len(rws)
+                p = torch.tensor([mine[i].p_chosen for i in rws], device=policy.device)
                 out = soft_dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], p, c.beta)
-                (out.per_pair.sum() / len(samples)).backward()
-                loss_sum += float(out.per_pair.detach().sum()) / len(samples)
-                parts.append(out)
+                loss = (out.per_pair * w).sum() / len(samples)
+                (loss * scale).backward()
+                loss_sum += float(loss.detach())
+                parts.append((out, w > 0))
+        loss_sum = dist.sum([loss_sum])[0]
+        if c.mode != "sft":
+            names = ("per_pair", "margin", "chosen_rewards", "rejected_rewards", "log_ratio")
+            local = {n: torch.cat([getattr(o, n).detach()[keep] for o, keep in parts]).cpu() for n in names}
+            gathered = dist.all_gather(local)
 
             def cat(name: str) -> torch.Tensor:
-                return torch.cat([getattr(o, name).detach() for o in parts])
+                return torch.cat([g[name] for g in gathered])
 
-            merged = DPOOutput(
-                *(cat("per_pair").mean(), cat("per_pair"), cat("margin")),
-                *(cat("chosen_rewards"), cat("rejected_rewards"), cat("log_ratio")),
-            )
+            merged = DPOOutput(cat("per_pair").mean(), *(cat(n) for n in names))
             metrics |= merged.metrics()
             metrics["p_chosen"] = sum(s.p_chosen for s in samples) / len(samples)
+            # How much the labels say: 0 when the judge could not tell any pair apart.
+            metrics["label_signal"] = sum(abs(s.p_chosen - 0.5) for s in samples) / len(samples)
         staleness = [self._staleness(s) for s in samples]
         metrics |= {
             "policy_version": self.policy_version,
@@ -396,6 +607,8 @@ class Trainer:
         }
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -405,7 +618,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         return {
             "step": self.step,
-            "epoch": self.source.epoch,
+            "epoch": self.epoch,
             "loss": loss_sum,
             **metrics,
             "lr": lr,
@@ -416,27 +629,64 @@ class Trainer:
             "sample_ids": [s.sample_id for s in samples],
         }
 
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """DDP all-reduces the gradients in the step's last micro-batch only."""
+        no_sync = getattr(self.forward, "no_sync", None)
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
     # ---- checkpoints ----------------------------------------------------------------------
 
+    def _full_state(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP2, every trainable weight gathered whole (on every rank: the gathers are
+        collective; only rank 0 uses them); else None: the model holds them whole already."""
+        if not self.fsdp:
+            return None
+        return {
+            name: param.full_tensor().detach().cpu()
+            for name, param in self.model.named_parameters()
+            if param.requires_grad
+        }
+
     def save_checkpoint(self) -> Path:
+        """Every rank takes part (FSDP2 gathers the weights and the optimizer state, each rank
+        sends its RNG state); rank 0 alone writes the one checkpoint, atomically."""
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file, save_model
+
+        full = self._full_state()
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            optimizer = get_optimizer_state_dict(self.policy, self.optimizer, options=options)
+        else:
+            optimizer = self.optimizer.state_dict()
+        rngs = self.dist.gather(rng_state())
+        final = self.out / f"checkpoint-{self.step}"
+        if not self.dist.leader:
+            return final
 
         def write(folder: Path) -> None:
             weights = folder / WEIGHTS[self.config.lora]
             if self.config.lora:
-                tensors = get_peft_model_state_dict(self.model)
+                tensors = get_peft_model_state_dict(self.model, state_dict=full)
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, weights)
+            elif full is not None:
+                save_file({k: v.contiguous() for k, v in full.items()}, weights)
             else:
                 save_model(self.model, str(weights))  # handles tied embeddings
-            training = {
-                "optimizer": self.optimizer.state_dict(),
+            training: dict[str, Any] = {
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(),
+                "rng": rngs[0],
             }
+            if self.dist.enabled:  # each rank's dropout stream continues where it was
+                training["rng_ranks"] = rngs
             torch.save(training, folder / TRAINING_STATE)
             state = {
                 "step": self.step,
+                "world_size": self.dist.world_size,
+                "fsdp2": self.fsdp,
                 "source_state": self._source_state,
                 "trained_ids": list(self.trained_ids),  # oldest first
                 "stale": self.stale,
@@ -449,10 +699,15 @@ class Trainer:
         self.source.committed()
         return path
 
-    def publish(self, metrics: dict[str, Any]) -> PolicyVersion:
-        """Pack the adapter as the next policy version and announce it to every publisher."""
+    def publish(self, metrics: dict[str, Any]) -> PolicyVersion | None:
+        """Pack the adapter as the next policy version and announce it to every publisher (rank
+        0; the other ranks take part in gathering FSDP2's shards and return None)."""
+        full = self._full_state()
+        if not self.dist.leader:
+            return None
         version = self.policy_version
-        path, sha256 = pack_adapter(self.model, self.out / "policies", version)
+        model = self.model if full is None else _Gathered(self.model, full)
+        path, sha256 = pack_adapter(model, self.out / "policies", version)
         numbers = {k: float(v) for k, v in metrics.items() if k in ("loss", "margin", "accuracy", "kl")}
         published = PolicyVersion(version, self.archive_uri(path), sha256, self.step, numbers)
         for publisher in self.publishers:
@@ -465,11 +720,18 @@ class Trainer:
         return published
 
     def export(self) -> Path:
-        """The final adapter (or full model) and tokenizer, loadable with peft/transformers."""
+        """The final adapter (or full model) and tokenizer, loadable with peft/transformers
+        (written by rank 0)."""
+        full = self._full_state()
         target = self.out / "model"
+        if not self.dist.leader:
+            return target
         staging = self.out / "model.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging)
+        if full is None:
+            self.model.save_pretrained(staging)
+        else:
+            self.model.save_pretrained(staging, state_dict=full)
         self.tokenizer.save_pretrained(staging)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(staging, target)
@@ -501,18 +763,24 @@ class Trainer:
         checkpoint: Path | None = None
         last: dict[str, Any] = {}
         self.samples_seen = 0
-        with self._sigterm(), (self.out / "log.jsonl").open("a", encoding="utf-8") as log_file:
-            while (self.total_steps is None or self.step < self.total_steps) and not self.stop_requested:
-                samples, encoded, stale = self._take()
-                if not samples or (self.stop_requested and len(samples) < c.samples_per_step):
-                    # Exhausted, or stopped while waiting for a stream: samples taken for an
-                    # unfinished step are not trained, and the checkpoint resumes before them.
+        log_path = self.out / "log.jsonl"
+        writer = log_path.open("a", encoding="utf-8") if self.dist.leader else _nowhere()
+        with self._sigterm(), writer as log_file:
+            while True:
+                # A stop asked of any rank stops them all after the same step.
+                self.stop_requested = self.dist.any(self.stop_requested)
+                if self.stop_requested or (self.total_steps is not None and self.step >= self.total_steps):
                     break
-                self._source_state = self.source.state()
+                plan = self._next_step()
+                if plan is None:
+                    break
+                samples = plan.samples
+                self._source_state = plan.source_state
+                self.epoch = plan.epoch
                 self.trained_ids.update(s.sample_id for s in samples)
-                self.stale += stale
-                last = self._optimizer_step(samples, encoded)
-                if self.step % c.log_every == 0 or self.step == self.total_steps:
+                self.stale += plan.stale
+                last = self._optimizer_step(samples)
+                if log_file is not None and (self.step % c.log_every == 0 or self.step == self.total_steps):
                     log_file.write(json.dumps({**last, "elapsed_s": round(time.time() - started, 3)}) + "\n")
                     log_file.flush()
                 if c.mode == "online-dpo" and self.step % c.publish_every == 0:
@@ -521,6 +789,7 @@ class Trainer:
                     on_step(StepResult(self.step, last, last["sample_ids"]))
                 if self.step % c.checkpoint_every == 0:
                     checkpoint = self.save_checkpoint()
+            self.stop_requested = self.dist.any(self.stop_requested)
         if self.step > first_step and (checkpoint is None or not checkpoint.name.endswith(f"-{self.step}")):
             checkpoint = self.save_checkpoint()
         finished = not self.stop_requested
@@ -538,6 +807,12 @@ class Trainer:
             model_dir=self.export() if finished else None,
             last={k: v for k, v in last.items() if k != "sample_ids"},
         )
+
+
+@contextlib.contextmanager
+def _nowhere() -> Iterator[None]:
+    """In place of the log file on the ranks that do not write it."""
+    yield None
 
 
 def evaluate_loss(trainer: Trainer, samples: list[TrainingSample]) -> float:
