@@ -120,8 +120,13 @@ def build_trainer(
 
     Under torchrun only rank 0 reads the source and publishes; the other ranks get their samples
     from it (trainer/distributed.py)."""
-    if not distributed.from_env().leader:
-        return Trainer(config, distributed.FollowerSource())
+    place = distributed.from_env()
+    if not place.leader:
+        # The first process of every other pod answers on the archive port too (an empty
+        # folder: the records name rank 0's), so that each pod has a port for its probes.
+        port, folder = config.serve_policies_port, Path(config.output_dir) / "policies"
+        answer = [ArchiveServer(folder, port)] if port is not None and place.local_rank == 0 else []
+        return Trainer(config, distributed.FollowerSource(), answer)
     source = build_source(config, lambda: trainer.stop_requested, feed)
     try:
         publishing = build_publishers(config)
