@@ -104,8 +104,9 @@ def _hhh_pair(row: dict[str, Any], where: str) -> tuple[Conversation, str, str]:
 
 
 def load_pairs(path: Path | None = None, limit: int | None = None) -> list[LabelledPair]:
-    """Read labelled pairs (either format, per line; default: the built-in set). Any bad line stops
-    the run with FILE:LINE and the field, so no pair is dropped silently."""
+    """Read labelled pairs (either format, per line; default: the built-in set); with `limit`, that
+    many taken in turn from each category. Any bad line stops the run with FILE:LINE and the field,
+    so no pair is dropped silently."""
     path = path or builtin_pairs_file()
     pairs: list[LabelledPair] = []
     seen: dict[str, int] = {}
@@ -131,7 +132,24 @@ def load_pairs(path: Path | None = None, limit: int | None = None) -> list[Label
         pairs.append(LabelledPair(pair_id, category, conversation, better, worse, where))
     if not pairs:
         raise InvalidArgument(f"--pairs: {path} holds no pairs")
-    return pairs[:limit] if limit else pairs
+    return balanced(pairs, limit) if limit else pairs
+
+
+def balanced(pairs: list[LabelledPair], limit: int) -> list[LabelledPair]:
+    """Up to `limit` pairs taken in turn from each category, so a small run still covers them all."""
+    groups: dict[str, list[LabelledPair]] = {}
+    for pair in pairs:
+        groups.setdefault(pair.category, []).append(pair)
+    queues = [iter(group) for group in groups.values()]
+    chosen: list[LabelledPair] = []
+    while queues and len(chosen) < limit:
+        for queue in list(queues):
+            item = next(queue, None)
+            if item is None:
+                queues.remove(queue)
+            elif len(chosen) < limit:
+                chosen.append(item)
+    return chosen
 
 
 # ---- judging --------------------------------------------------------------------------------

@@ -381,7 +381,12 @@ def write_report(data: dict[str, Any], out: Path) -> None:
     show_default=True,
     help="Constitution file or built-in name: its comparison principles guide the judge.",
 )
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N pairs.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Use only N pairs, taken in turn from each category.",
+)
 @click.option(
     "--all-principles",
     is_flag=True,

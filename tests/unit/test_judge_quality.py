@@ -30,6 +30,9 @@ def test_builtin_pairs_cover_four_kinds_of_mistake():
     assert len({p.id for p in pairs}) == len(pairs)
     assert all(p.better != p.worse and p.conversation[-1]["role"] == "user" for p in pairs)
     assert str(pairs[0].where) == f"{builtin_pairs_file()}:1"
+    few = load_pairs(limit=6)  # taken in turn from each category
+    kinds = ["harm", "needless-refusal", "lecturing", "honesty"]
+    assert [p.category for p in few] == [*kinds, "harm", "needless-refusal"]
 
 
 def test_hhh_format_reads_the_conversation_and_the_right_option(data_dir):
