@@ -499,6 +499,7 @@ def bench_memory(limit: int) -> None:
 FOUNDATION = ["batching", "ttft", "judging", "prefix-cache", "exact-labels", "up", "memory"]
 SERVICES = ["service-overhead", "grpc-vs-inprocess", "langchain-peer"]
 KAFKA = ["kafka-ceiling", "kafka-latency", "kafka-vs-inprocess"]
+TRAINER = ["distributed"]  # benchmarks/distributed.py: torchrun children, the trainer only
 
 
 def report(name: str, title: str, result: dict[str, Any], load_before: tuple[float, ...]) -> None:
@@ -579,7 +580,7 @@ def run_kafka(args: argparse.Namespace, chosen: list[str], backend: Any) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=FOUNDATION + SERVICES + KAFKA)
+    parser.add_argument("--only", nargs="*", choices=FOUNDATION + SERVICES + KAFKA + TRAINER)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=16, help="judging and prefix-cache: pairs")
@@ -620,8 +621,12 @@ def main() -> None:
     group.add_argument("--kafka-prompts", type=int, default=8, help="kafka-vs-inprocess: prompts per run")
     group.add_argument("--kafka-rounds", type=int, default=2, help="kafka-vs-inprocess: runs of each path")
     args = parser.parse_args()
-    chosen = args.only or FOUNDATION + SERVICES + KAFKA
+    chosen = args.only or FOUNDATION + SERVICES + KAFKA + TRAINER
     model = str(setup_default_model(progress=lambda _: None))
+    if "distributed" in chosen:  # in children of its own, before this process loads a model
+        from benchmarks import distributed
+
+        distributed.main(["--model", model])
     if "memory" in chosen:  # first, in a fresh child, before this process loads anything
         bench_memory(args.memory_limit)
     if "service-overhead" in chosen:  # before a model is loaded into this process
