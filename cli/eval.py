@@ -1,4 +1,5 @@
-"""`cai eval`: a thin command over `cai.evaluation.evaluate`."""
+"""`cai eval`: thin commands over `cai.evaluation.evaluate_stages` (policies against a baseline)
+and `cai.judge_quality` (`cai eval judge`: the judge on labelled pairs)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rich.text import Text
 
 from cai.engine import RESPONSE_PARAMS, JudgeOptions
 from cai.errors import CAIError, InvalidArgument, NotFound
+from cai.records import Prompt
 from cli.common import CAIGroup, device_option, dtype_option, judge_flags
 
 SERVICE = "policy:"  # a running policy service, e.g. policy:127.0.0.1:50051
@@ -99,7 +101,8 @@ def parse_policies(policies: tuple[str, ...], adapter: str | None) -> list[Polic
     return specs
 
 
-def load_eval_prompts(prompts: str, limit: int | None) -> list[Any]:
+def load_eval_prompts(prompts: str, limit: int | None) -> list[Prompt]:
+    """A prompt file, or a built-in set by name; with `limit`, that many in turn from each category."""
     from cai import pipeline
     from cai.evaluation import builtin_heldout_file
     from cli.online import balanced_prompts
