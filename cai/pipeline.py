@@ -96,7 +96,8 @@ class Stages(Protocol):
     """The three stages a run drives: in this process (`LocalStages`) or through the gRPC services."""
 
     constitution: Constitution
-    model_id: str
+    model_id: str  # the policy's
+    feedback_model_id: str  # the critic's and judge's
     engine_config: EngineConfig
 
     async def respond(self, conversation: Conversation, params: SamplingParams) -> list[Completion]: ...
@@ -112,13 +113,15 @@ class Stages(Protocol):
 
 class LocalStages:
     """The stages in this process: answers from `policy` (default: the engine's backend, which
-    critiques and judges); `cai up --train-steps` gives the policy its own, trained, weights."""
+    critiques and judges); `cai up --train-steps` gives the policy its own, trained, weights, and
+    `--judge-model` the engine a feedback model of its own."""
 
     def __init__(self, engine: CAIEngine, policy: Backend | None = None):
         self.engine = engine
         self.policy = policy or engine.backend
         self.constitution = engine.constitution
-        self.model_id = engine.backend.model_id
+        self.model_id = self.policy.model_id
+        self.feedback_model_id = engine.backend.model_id
         self.engine_config = engine.config
 
     async def respond(self, conversation: Conversation, params: SamplingParams) -> list[Completion]:
@@ -148,12 +151,12 @@ async def process_prompt(
     advance("responses")
     answered = [*prompt.conversation, {"role": "assistant", "content": rollout.responses[0]}]
     chain = await stages.critique_revise(answered, config.critique, prompt.seed)
-    revision = records.revision_of(rollout, chain, stages.constitution, stages.model_id)
+    revision = records.revision_of(rollout, chain, stages.constitution, stages.feedback_model_id)
     advance("critiques")
     # revision pairs: is the revision better than the answer it revised? samples: RL-CAI proper.
     source: Rollout | Revision = revision if config.pairs == "revision" else rollout
     judgment = await stages.compare(prompt.conversation, *records.pair_of(source), config.judge, prompt.seed)
-    preference = records.preference_of(source, judgment, stages.constitution, stages.model_id)
+    preference = records.preference_of(source, judgment, stages.constitution, stages.feedback_model_id)
     advance("judgments")
     return PromptResult(rollout, revision, preference)
 

@@ -32,6 +32,7 @@ class ServiceStages:
         self.policy, self.critic, self.judge = policy, critique, judge
         self.constitution = constitution
         self.model_id = ""
+        self.feedback_model_id = ""
         self.engine_config = EngineConfig()  # what the critique and judge services run with
 
     async def respond(self, conversation: Conversation, params: SamplingParams) -> list[Completion]:
@@ -59,10 +60,13 @@ class ServiceStages:
 
 
 @contextlib.asynccontextmanager
-async def loopback_stages(backend: Backend, constitution: Constitution) -> AsyncIterator[ServiceStages]:
+async def loopback_stages(
+    backend: Backend, constitution: Constitution, feedback: Backend | None = None
+) -> AsyncIterator[ServiceStages]:
     """Start the three services on free loopback ports and drive them through gRPC clients. The
-    policy serves `backend`; the critique and judge services use the policy service, so one model
-    (and one batching queue) does everything, as in the paper's self-critique."""
+    policy serves `backend`. The critique and judge services use `feedback` (a model of their own:
+    `--judge-model`, or the base weights while the policy trains), else the policy service, so
+    one model (and one batching queue) does everything, as in the paper's self-critique."""
     roomy = {"port": 0, "metrics_port": 0, "max_prompt_tokens": 8192, "max_new_tokens": 1024, "max_n": 16}
     running: list[RunningService] = []
     clients: list[AsyncClient] = []
@@ -72,11 +76,13 @@ async def loopback_stages(backend: Backend, constitution: Constitution) -> Async
         running.append(policy)
         for name in ("critique", "judge"):
             settings = load_settings(name, None, constitution=constitution.source, **roomy)
-            remotes.append(PolicyServiceBackend(policy.address))
-            running.append(await start_service(name, settings, remotes[-1]))
+            if feedback is None:
+                remotes.append(PolicyServiceBackend(policy.address))
+            running.append(await start_service(name, settings, feedback or remotes[-1]))
         clients = [AsyncClient(service.address, timeout=600) for service in running]
         stages = ServiceStages(clients[0], clients[1], clients[2], constitution)
         stages.model_id = (await clients[0].info()).model_id
+        stages.feedback_model_id = feedback.model_id if feedback else stages.model_id
         yield stages
     finally:
         for client in clients:

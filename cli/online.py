@@ -1,9 +1,12 @@
-"""`cai up --train-steps N`: the whole loop in one process.
+"""`cai up --train-steps N`: the whole online loop, in process, through the gRPC services or
+through Kafka.
 
-The policy answers prompts, the feedback model (the base weights, never trained) critiques,
-revises and judges, each finished pair goes to the trainer through an in-process queue, and every
-`publish_every` steps the trainer publishes its adapter, which the policy serves from its next
-decode step (the same archive, hash check and adapter load as the services). Generation and
+The policy answers prompts, the feedback model (a copy of the base weights, never trained, or
+`--judge-model`) critiques, revises and judges, each finished pair goes to the trainer (through an
+in-process queue, or with `--kafka` the preferences topic), and every `publish_every` steps the
+trainer publishes its adapter, which the policy serves from its next decode step (the same
+archive, hash check and adapter load as the services; with `--kafka` the policy service follows
+the policy-versions topic). Generation and
 training run at the same time, so pairs from a policy a version or two old are trained; older ones are dropped
 (`max_staleness`). The prompts are answered round after round, each round with new seeds, until
 the trainer has done its steps, and at least once each (so the run folder holds every prompt's
@@ -19,12 +22,13 @@ import itertools
 import json
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cai import pipeline
+from cai.backends.base import Backend
 from cai.backends.transformers import TransformersBackend
 from cai.constitution import Constitution
 from cai.engine import CAIEngine
@@ -59,9 +63,50 @@ def balanced_prompts(records: list[Prompt], limit: int) -> list[Prompt]:
     return chosen
 
 
+class LocalPairs:
+    """Answers prompts through `stages`: in this process, or through the gRPC services on
+    loopback (`cai up --services`); a new policy version is loaded into `policy` directly."""
+
+    def __init__(self, stages: pipeline.Stages, config: pipeline.RunConfig, policy: Backend, cache: Path):
+        self.stages, self.config, self.policy, self.cache = stages, config, policy, cache
+        self.gate = asyncio.Semaphore(config.concurrency)
+
+    async def _one(self, index: int, prompt: Prompt, seed: int) -> tuple[int, pipeline.PromptResult]:
+        async with self.gate:
+            config = replace(self.config, seed=seed)
+            return index, await pipeline.process_prompt(self.stages, config, prompt, lambda _: None)
+
+    async def answer(
+        self, jobs: list[tuple[Prompt, int]]
+    ) -> AsyncIterator[tuple[int, pipeline.PromptResult]]:
+        tasks = [asyncio.ensure_future(self._one(i, p, seed)) for i, (p, seed) in enumerate(jobs)]
+        try:
+            for done in asyncio.as_completed(tasks):
+                yield await done
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def serve(self, version: PolicyVersion) -> None:
+        folder = await asyncio.to_thread(fetch_adapter, version, self.cache)
+        await self.policy.load_adapter(folder, version.version)  # type: ignore[attr-defined]
+
+
+class PairSource(Protocol):
+    """Where the loop's pairs come from: `LocalPairs`, or the stream stages (`cli.kafka_run`)."""
+
+    def answer(self, jobs: list[tuple[Prompt, int]]) -> AsyncIterator[tuple[int, pipeline.PromptResult]]:
+        """Answer each (prompt, run seed) job; yield (job index, records) as each is done."""
+        ...
+
+    async def serve(self, version: PolicyVersion) -> None:
+        """Return once the policy serves `version`."""
+
+
 async def run_online(
     policy: TransformersBackend,
-    feedback: TransformersBackend,
+    feedback: Backend,
     constitution: Constitution,
     config: pipeline.RunConfig,
     records: list[Prompt],
@@ -69,33 +114,44 @@ async def run_online(
     eval_set: list[Prompt],
     advance: Callable[[str, float], None] = lambda task, amount: None,
     overlap: bool = True,
+    pairs: PairSource | None = None,
+    baseline: Backend | None = None,
 ) -> OnlineResult:
     """Train online on `records` and evaluate before and after on `eval_set` (none: no evaluation).
     `advance(task, amount)` reports progress: "pairs", "steps" and "eval". With `overlap`
     False, generation and training take turns (the pairs of one step, then that step, ...), as a
-    synchronous online-DPO loop does: benchmarks/online.py compares the two."""
+    synchronous online-DPO loop does: benchmarks/online.py compares the two.
+
+    `pairs` answers the prompts (default: in this process, `feedback` critiquing and judging).
+    With the trainer's `memory` source every pair is handed to it here; with `kafka` it reads the
+    preferences topic itself. `baseline` (default `feedback`) is the untrained model the
+    evaluation compares the policy with."""
     loop = asyncio.get_running_loop()
-    engine = CAIEngine(feedback, constitution)
-    stages = pipeline.LocalStages(engine, policy=policy)
+    cache = Path(train_config.output_dir) / "served"
+    if pairs is None:
+        stages = pipeline.LocalStages(CAIEngine(feedback, constitution), policy=policy)
+        pairs = LocalPairs(stages, config, policy, cache)
     eval_config = EvalConfig(seed=config.seed + 7919, response_params=config.response_params)
+    reference = baseline or feedback
 
     async def measure() -> EvalReport:
         tick = lambda _: advance("eval", 1)  # noqa: E731
-        return await evaluate(policy, feedback, feedback, constitution, eval_set, eval_config, advance=tick)
+        return await evaluate(policy, reference, feedback, constitution, eval_set, eval_config, advance=tick)
 
     before = await measure() if eval_set else None
 
-    feed: queue.Queue[TrainingSample | None] = queue.Queue()
+    feed: queue.Queue[TrainingSample | None] | None = (
+        queue.Queue() if train_config.source == "memory" else None
+    )
     versions: list[dict[str, Any]] = []
-    cache = Path(train_config.output_dir) / "served"
+    source = pairs
 
     class Serve:
-        """The trainer's last publisher: the policy loads the new adapter before training goes on."""
+        """The trainer's last publisher: the policy serves the new version before training goes on."""
 
         def publish(self, version: PolicyVersion) -> None:  # in the trainer's thread
             started = time.perf_counter()
-            folder = fetch_adapter(version, cache)
-            asyncio.run_coroutine_threadsafe(policy.load_adapter(folder, version.version), loop).result()
+            asyncio.run_coroutine_threadsafe(source.serve(version), loop).result()
             seconds = time.perf_counter() - started
             versions.append({"version": version.version, "step": version.step, "publish_to_serve_s": seconds})
 
@@ -115,32 +171,33 @@ async def run_online(
     training = asyncio.ensure_future(asyncio.to_thread(trainer.train, on_step))
     finished: dict[int, pipeline.PromptResult] = {}
     writer = pipeline.RunWriter(config.out, constitution)
-    gate = asyncio.Semaphore(config.concurrency)
 
-    async def one(index: int, prompt: Prompt, round_seed: int) -> None:
-        async with gate:
-            round_config = replace(config, seed=round_seed)
-            result = await pipeline.process_prompt(stages, round_config, prompt, lambda _: None)
-        finished[index] = result
-        writer.add(index, result)
-        feed.put(TrainingSample.of(result.preference, f"round seed {round_seed}, prompt {prompt.id}"))
-        advance("pairs", 1)
+    async def batch(first: int, jobs: list[tuple[Prompt, int]]) -> None:
+        async for i, result in source.answer(jobs):
+            finished[first + i] = result
+            writer.add(first + i, result)
+            if feed is not None:
+                prompt, seed = jobs[i]
+                feed.put(TrainingSample.of(result.preference, f"round seed {seed}, prompt {prompt.id}"))
+            advance("pairs", 1)
 
     async def generate() -> None:
         """Until cancelled, once the trainer is done."""
         if not overlap:
             per_step = train_config.samples_per_step
             for step in itertools.count():
-                batch = [step * per_step + i for i in range(per_step)]
+                first = step * per_step
+                jobs = [
+                    (records[i % len(records)], config.seed + i // len(records))
+                    for i in range(first, first + per_step)
+                ]
                 stepped.clear()
-                await asyncio.gather(
-                    *(one(i, records[i % len(records)], config.seed + i // len(records)) for i in batch)
-                )
+                await batch(first, jobs)
                 await stepped.wait()
         index = 0
         for round_number in itertools.count():
             seed = config.seed + round_number
-            await asyncio.gather(*(one(index + i, r, seed) for i, r in enumerate(records)))
+            await batch(index, [(r, seed) for r in records])
             index += len(records)
             first_round.set()
 
@@ -156,7 +213,8 @@ async def run_online(
             generating.result()  # a generation error stops the run
     finally:
         trainer.request_stop()
-        feed.put(None)
+        if feed is not None:
+            feed.put(None)
         round_done.cancel()
         generating.cancel()
         await asyncio.gather(generating, return_exceptions=True)

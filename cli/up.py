@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,13 @@ from cli.common import console, critique_flags, device_option, dtype_option, jud
     default="default",
     show_default=True,
     help="'default', a local Hugging Face model folder, or a hub id.",
+)
+@click.option(
+    "--judge-model",
+    default=None,
+    metavar="FOLDER|HUB_ID",
+    help="Feedback model for critique, revision and judging, with its own tokenizer and chat "
+    "template (default: the policy's base weights).",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -74,10 +82,11 @@ from cli.common import console, critique_flags, device_option, dtype_option, jud
 @click.option(
     "--train-steps",
     type=click.IntRange(min=0),
-    default=None,
-    help="Also train the policy online for N DPO steps while the pipeline runs, hot-swapping each "
-    "published version, and evaluate it before and after [default: 16; 0 with --services or --kafka, "
-    "which do not train yet].",
+    default=16,
+    show_default=True,
+    help="Also train the policy online for N DPO steps while the pipeline runs, serving each "
+    "published version, and evaluate it before and after (0: data only). With --kafka the trainer "
+    "reads the preferences topic and the policy service follows the policy-versions topic.",
 )
 @click.option(
     "--train-config",
@@ -98,6 +107,7 @@ def up(
     prompts: Path | None,
     constitution_path: str,
     model: str,
+    judge_model: str | None,
     limit: int | None,
     seed: int,
     out: Path | None,
@@ -107,7 +117,7 @@ def up(
     dtype: str,
     services: bool,
     kafka: str | None,
-    train_steps: int | None,
+    train_steps: int,
     train_config: Path | None,
     eval_prompts: int,
     critique_options: CritiqueOptions,
@@ -125,13 +135,6 @@ def up(
 
     if services and kafka:
         raise InvalidArgument("--services and --kafka: choose one transport")
-    if train_steps is None:
-        train_steps = 0 if services or kafka else 16
-    if train_steps and (services or kafka):
-        raise InvalidArgument(
-            "--train-steps: online training runs in process; with --services or --kafka give "
-            "--train-steps 0 and run `cai train --source kafka` beside the services"
-        )
     if out is not None and out.is_dir() and any(out.iterdir()):
         raise InvalidArgument(
             f"--out: {out} is not empty; choose a new folder so no earlier run is overwritten"
@@ -146,6 +149,12 @@ def up(
 
     with console.status(f"loading {model}"):
         backend = TransformersBackend(resolve_model(model), device=device, dtype=dtype)
+    feedback = None
+    if judge_model is not None:
+        if judge_model == DEFAULT_MODEL and not is_ready(default_model_dir()):
+            setup_default_model(progress=console.print)
+        with console.status(f"loading the feedback model {judge_model}"):
+            feedback = TransformersBackend(resolve_judge_model(judge_model), device=device, dtype=dtype)
     config = pipeline.RunConfig(
         out=out or pipeline.new_run_dir(),
         prompts=prompts,
@@ -159,6 +168,7 @@ def up(
     console.print(
         f"constitution {cons.id} {cons.version} (sha256 {cons.hash[:12]}), model {backend.model_id}, "
         f"{backend.device} {str(backend.dtype).removeprefix('torch.')}, {len(records)} prompts"
+        + (f", feedback model {feedback.model_id}" if feedback else "")
         + (", through the gRPC services on loopback" if services else "")
         + (f", through Kafka at {kafka}" if kafka else ""),
         highlight=False,
@@ -174,14 +184,13 @@ def up(
         if kafka:
             from cli.kafka_run import run_through_kafka
 
-            return await run_through_kafka(backend, cons, config, records, kafka, advance)
+            return await run_through_kafka(backend, cons, config, records, kafka, advance, feedback)
         if not services:
-            return await pipeline.run(
-                pipeline.LocalStages(CAIEngine(backend, cons)), config, records, advance
-            )
+            engine = CAIEngine(feedback or backend, cons)
+            return await pipeline.run(pipeline.LocalStages(engine, policy=backend), config, records, advance)
         from cli.loopback import loopback_stages
 
-        async with loopback_stages(backend, cons) as stages:
+        async with loopback_stages(backend, cons, feedback) as stages:
             return await pipeline.run(stages, config, records, advance)
 
     if train_steps:
@@ -189,15 +198,35 @@ def up(
         from cli.online import balanced_prompts
 
         eval_set = balanced_prompts(pipeline.load_prompts(prompts), eval_prompts)
-        _up_with_training(backend, cons, config, records, train_steps, train_config, eval_set, dtype)
+        transport = Transport(services, kafka)
+        _up_with_training(
+            backend, feedback, cons, config, records, train_steps, train_config, eval_set, dtype, transport
+        )
         return
     with Progress(*columns, console=console) as progress:
         info = asyncio.run(run(progress))
     _print_summary(info, pairs, config.out)
 
 
+def resolve_judge_model(spec: str) -> str:
+    from cai.errors import NotFound
+    from cai.models import resolve_model
+
+    try:
+        return resolve_model(spec)
+    except NotFound as exc:  # its message names --model
+        raise NotFound(str(exc).replace("--model:", "--judge-model:")) from None
+
+
+@dataclass(frozen=True)
+class Transport:
+    services: bool = False
+    kafka: str | None = None
+
+
 def _up_with_training(
     policy: Any,
+    judge: Any,
     cons: Any,
     config: Any,
     records: list[Any],
@@ -205,6 +234,7 @@ def _up_with_training(
     train_config_file: Path | None,
     eval_set: list[Any],
     dtype: str,
+    transport: Transport,
 ) -> None:
     import time
 
@@ -214,7 +244,7 @@ def _up_with_training(
     from cai.backends.transformers import TransformersBackend
     from cai.engine import EngineConfig
     from cai.evaluation import STAGES, comparison_table
-    from cli.online import run_online, write_outputs
+    from cli.online import write_outputs
     from trainer.config import TrainConfig
 
     # About four versions per run, the last one at the last step (it is the one evaluated).
@@ -229,12 +259,24 @@ def _up_with_training(
         "device": str(policy.device),
         "dtype": dtype,
     }
+    extra: dict[str, Any] = {}
+    if transport.kafka:
+        from cli.kafka_run import topic_prefix
+
+        prefix = topic_prefix(config.out)
+        run |= {"source": "kafka", "kafka": transport.kafka, "kafka_prefix": prefix}
+        extra = {"transport": "kafka", "kafka_topic_prefix": prefix}
+    elif transport.services:
+        extra = {"transport": "services"}
     if train_config_file is not None:
         train = TrainConfig.from_yaml(train_config_file, run, defaults)
     else:
         train = TrainConfig.from_dict(defaults | run)
-    with console.status("loading the feedback model (the base weights, not trained)"):
-        feedback = TransformersBackend(policy.model_id, device=policy.device, dtype=dtype)
+    # The feedback model and the evaluation's baseline are the base weights, never trained: a copy
+    # of its own, since the policy's weights change.
+    with console.status("loading the base weights (feedback model and baseline, not trained)"):
+        base = TransformersBackend(policy.model_id, device=policy.device, dtype=dtype)
+    feedback = judge or base
     console.print(
         f"online DPO: {steps} steps of {train.samples_per_step} pairs, a new policy version every "
         f"{train.publish_every} steps, max staleness {train.max_staleness}; "
@@ -255,7 +297,9 @@ def _up_with_training(
         def advance(task: str, amount: float) -> None:
             progress.advance(tasks[task], amount)
 
-        online = asyncio.run(run_online(policy, feedback, cons, config, records, train, eval_set, advance))
+        online = asyncio.run(
+            _train_online(policy, feedback, base, cons, config, records, train, eval_set, advance, transport)
+        )
     loop_info = write_outputs(config.out, online)
     info = pipeline.write_run_info(
         config,
@@ -265,6 +309,7 @@ def _up_with_training(
         policy.model_id,
         EngineConfig(),
         train=loop_info,
+        **extra,
     )
     _print_summary(info, config.pairs, config.out)
     if online.before and online.after:
@@ -276,6 +321,42 @@ def _up_with_training(
         f"evaluation: {config.out / 'eval.json'}",
         highlight=False,
     )
+
+
+async def _train_online(
+    policy: Any,
+    feedback: Any,
+    base: Any,
+    cons: Any,
+    config: Any,
+    records: list[Any],
+    train: Any,
+    eval_set: list[Any],
+    advance: Any,
+    transport: Transport,
+) -> Any:
+    """The loop through the transport `cai up` was given: in process, the services or Kafka."""
+    from cli.online import LocalPairs, run_online
+
+    def loop(pairs: Any = None) -> Any:
+        return run_online(
+            policy, feedback, cons, config, records, train, eval_set, advance, pairs=pairs, baseline=base
+        )
+
+    if transport.kafka:
+        from cli.kafka_run import KafkaPipeline
+
+        pipeline = KafkaPipeline(
+            policy, cons, config, transport.kafka, train.kafka_prefix, feedback, follow=True
+        )
+        async with pipeline:
+            return await loop(pipeline)
+    if transport.services:
+        from cli.loopback import loopback_stages
+
+        async with loopback_stages(policy, cons, feedback) as stages:
+            return await loop(LocalPairs(stages, config, policy, Path(train.output_dir) / "served"))
+    return await loop()
 
 
 def _print_summary(info: dict[str, Any], pairs: str, out: Path) -> None:

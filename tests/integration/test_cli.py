@@ -124,7 +124,10 @@ def test_up_writes_a_valid_run(tmp_path, default_model):
 @pytest.mark.timeout(2100)  # two runs, 900 s each at most
 def test_up_through_the_services_gives_the_same_records(tmp_path, default_model):
     runs = {}
-    for name, extra in (("embedded", ["--train-steps", "0"]), ("services", ["--services"])):
+    for name, extra in (
+        ("embedded", ["--train-steps", "0"]),
+        ("services", ["--services", "--train-steps", "0"]),
+    ):
         out = tmp_path / name
         result = cai("up", "--limit", "1", "--seed", "5", "--dtype", "float32", "--out", str(out), *extra)
         assert result.returncode == 0, result.stderr
