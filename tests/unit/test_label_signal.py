@@ -59,3 +59,20 @@ def test_the_run_signal_reads_each_preference_and_each_principle_verdict():
     assert signal.position_consistency == pytest.approx(2 / 3)
     assert signal.uninformative_share == pytest.approx(1 / 3)  # 0.5, 0.85 and 0.575
     assert signal.no_signal_share == pytest.approx(1 / 3)
+
+
+def test_the_up_summary_prints_the_signal_and_the_warning(capsys):
+    from cli.up import _print_summary
+
+    signal = labels.label_signal([(0.5, [(0.2227, 0.2227)]), (0.6, [(0.7, 0.4)]), (0.45, [(0.3, 0.4)])])
+    info = {
+        "summary": [],
+        "signals": signal.to_dict(),
+        "counts": {"sft": 3, "preferences": 3, "revisions": 3},
+        "duration_s": 1.0,
+    }
+    _print_summary(info, "revision", pipeline.Path("runs/x"))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "label signal: 33% of 3 labels within 0.02 of 0.5" in out
+    assert "position consistency 33% of 3 verdicts" in out
+    assert "warning: most labels carry no signal (67% of 3)" in out
