@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from cai.errors import InvalidArgument
+from cai.labels import label_signal
 from cai.policy_versions import pack_adapter, version_index, version_name
 from cai.records import PolicyVersion, TrainingSample
 from trainer import distributed
@@ -597,8 +598,9 @@ class Trainer:
             merged = DPOOutput(cat("per_pair").mean(), *(cat(n) for n in names))
             metrics |= merged.metrics()
             metrics["p_chosen"] = sum(s.p_chosen for s in samples) / len(samples)
-            # How much the labels say: 0 when the judge could not tell any pair apart.
-            metrics["label_signal"] = sum(abs(s.p_chosen - 0.5) for s in samples) / len(samples)
+            # How much the labels say (mean |p - 0.5|): 0 when the judge could tell no pair apart.
+            signal = label_signal([(s.p_chosen, []) for s in samples])
+            metrics["label_signal"] = signal.mean_margin
         staleness = [self._staleness(s) for s in samples]
         metrics |= {
             "policy_version": self.policy_version,
@@ -767,8 +769,10 @@ class Trainer:
         writer = log_path.open("a", encoding="utf-8") if self.dist.leader else _nowhere()
         with self._sigterm(), writer as log_file:
             while True:
-                # A stop asked of any rank stops them all after the same step.
-                self.stop_requested = self.dist.any(self.stop_requested)
+                # A stop asked of any rank stops them all after the same step (only ever set
+                # here: request_stop may come from another thread).
+                if self.dist.any(self.stop_requested):
+                    self.stop_requested = True
                 if self.stop_requested or (self.total_steps is not None and self.step >= self.total_steps):
                     break
                 plan = self._next_step()
@@ -789,7 +793,8 @@ class Trainer:
                     on_step(StepResult(self.step, last, last["sample_ids"]))
                 if self.step % c.checkpoint_every == 0:
                     checkpoint = self.save_checkpoint()
-            self.stop_requested = self.dist.any(self.stop_requested)
+            if self.dist.any(self.stop_requested):
+                self.stop_requested = True
         if self.step > first_step and (checkpoint is None or not checkpoint.name.endswith(f"-{self.step}")):
             checkpoint = self.save_checkpoint()
         finished = not self.stop_requested
