@@ -6,7 +6,8 @@ global batch, and the memory each rank holds with FSDP2 against DDP. Prints a ta
     python -m benchmarks.run --only distributed
 
 Every variant is `cai train --mode dpo` on the same synthetic preferences, started as a child:
-one process (all the CPU threads), or torchrun with 2 (one thread each on CPU: the same cores).
+one process (all the CPU threads, and again with half of them), or torchrun with 2 (half the
+threads each: the same cores).
 The first step is not timed (warm-up). Memory per rank: the bytes of the weights, gradients and
 AdamW state the rank holds after training (FSDP2 keeps a shard of each; DDP all of them), for
 LoRA and for full fine-tuning, the process's peak RSS, and on CUDA the peak allocated during the
@@ -129,8 +130,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }  # fmt: skip
         half = args.global_batch // 2
         rows = [
-            # one process gets every core's threads; each of two gets half of them
+            # one process gets every core's threads; each of two gets half of them. On a busy
+            # machine extra threads can slow a process down, so one process on half is shown too.
             variant("1 process", 1, {**base, "micro_batch_size": args.global_batch}, root, 2 * threads),
+            variant(
+                "1 process, half the threads",
+                1,
+                {**base, "micro_batch_size": args.global_batch},
+                root,
+                threads,
+            ),
             variant("2 processes, ddp", 2, {**base, "micro_batch_size": half}, root, threads),
             variant(
                 "2 processes, fsdp2",
@@ -161,9 +170,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": args.dtype,
         "cpu_count": os.cpu_count(),
         "steps": args.steps,
-        "speed 2 ddp / 1 process": rows[1]["samples_per_s"] / one,
-        "state memory per rank fsdp2 / ddp (lora)": memory(rows[2]) / memory(rows[1]),
-        "state memory per rank fsdp2 / ddp (full)": memory(rows[4]) / memory(rows[3]),
+        "speed 2 ddp / 1 process": rows[2]["samples_per_s"] / one,
+        "speed 2 ddp / 1 process on half the threads": rows[2]["samples_per_s"] / rows[1]["samples_per_s"],
+        "state memory per rank fsdp2 / ddp (lora)": memory(rows[3]) / memory(rows[2]),
+        "state memory per rank fsdp2 / ddp (full)": memory(rows[5]) / memory(rows[4]),
+        "load_average_after": os.getloadavg(),
         "rows": rows,
     }
     header = list(rows[0])
