@@ -3,8 +3,8 @@
 No figures are asserted (speed is what the benchmarks measure, not what tests check); each run
 must finish and produce its table's rows (benchmarks.run's write their JSON, here into a
 temporary folder instead of benchmarks/results/). trainer_vs_trl's and distributed's smoke runs
-are in tests/trainer;
-langchain-peer needs the `bench` extra, which `make test` does not install, and trainer_gpu a GPU.
+are in tests/trainer; langchain-peer needs the `bench` extra, which `make test` does not install,
+and trainer_gpu a GPU.
 """
 
 import json
