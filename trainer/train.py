@@ -222,7 +222,7 @@ class Trainer:
         resume = self._read_checkpoint()
         if resume is not None and self.dist.leader:
             self._load_weights(resume[0])
-        self._distribute()
+        self._distribute(resumed=resume is not None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(c, self.total_steps))
@@ -262,6 +262,9 @@ class Trainer:
         torch.manual_seed(c.seed)  # LoRA's initial weights and the dropout masks
         self.device = self.dist.device(c.device, default_device())
         dtype = resolve_dtype(c.dtype, self.device)
+        # FSDP2 moves each layer to the device as it shards it, so a model larger than one
+        # device never has to fit on one: until then it stays in host memory.
+        self.home = "cpu" if self.fsdp else self.device
         path = resolve_model(c.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         pad = self.tokenizer.pad_token_id
@@ -288,8 +291,8 @@ class Trainer:
                 # Full fine-tuning changes the base weights, so DPO needs a frozen copy as the
                 # reference: a second set of weights in memory.
                 reference: torch.nn.Module = copy.deepcopy(base)
-                self.reference = reference.to(self.device).eval().requires_grad_(False)
-        self.model.to(self.device).train()
+                self.reference = reference.to(self.home).eval().requires_grad_(False)
+        self.model.to(self.home).train()
         self.policy = _Logps(self.model)  # the policy pass; self.forward is it, or DDP around it
         self.forward: torch.nn.Module = self.policy
         self.reference_pass = _Logps(self.reference) if self.reference is not None else None
@@ -299,7 +302,7 @@ class Trainer:
         """Whether the weights are sharded with FSDP2 (a setting, under torchrun only)."""
         return self.dist.enabled and self.config.distributed == "fsdp2"
 
-    def _distribute(self) -> None:
+    def _distribute(self, resumed: bool) -> None:
         """Under torchrun: rank 0's weights on every rank, then DDP or FSDP2 around the passes."""
         if not self.dist.enabled:
             return
@@ -309,10 +312,12 @@ class Trainer:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            # Rank 0 may have loaded a checkpoint: every rank shards the same full weights.
-            for param in self.model.parameters():
-                if param.requires_grad:
-                    dist.broadcast(param.data, src=0)
+            # Every rank built the same weights from the same files and seed; after a resume,
+            # rank 0's checkpoint is copied to the others (in host memory, over gloo) first.
+            if resumed:
+                for param in self.model.parameters():
+                    if param.requires_grad:
+                        dist.broadcast(param.data, src=0, group=self.dist.objects)
             mesh = init_device_mesh(torch.device(self.device).type, (self.dist.world_size,))
             for module in (self.policy, self.reference_pass):
                 if module is None:
@@ -390,16 +395,16 @@ class Trainer:
 
         weights = folder / WEIGHTS[self.config.lora]
         if self.config.lora:
-            set_peft_model_state_dict(self.model, load_file(weights, device=str(self.device)))
+            set_peft_model_state_dict(self.model, load_file(weights, device=str(self.home)))
         elif self.fsdp:  # written from the gathered parameters: tied weights appear once
-            missing, _ = self.model.load_state_dict(load_file(weights, device=str(self.device)), strict=False)
+            missing, _ = self.model.load_state_dict(load_file(weights, device=str(self.home)), strict=False)
             tied = {name for name, _ in self.model.named_parameters(remove_duplicate=False)} - {
                 name for name, _ in self.model.named_parameters()
             }
             if set(missing) - tied:
                 raise InvalidArgument(f"checkpoint: {weights} lacks {sorted(set(missing) - tied)[:3]}")
         else:
-            load_model(self.model, weights, device=str(self.device))
+            load_model(self.model, weights, device=str(self.home))
 
     def _resume(self, folder: Path, state: dict[str, Any], training: dict[str, Any]) -> None:
         """Every rank: the optimizer, scheduler and RNG states and the step (the weights are in);
