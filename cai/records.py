@@ -18,13 +18,12 @@ from typing import Any, Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cai.backends.base import Completion
+from cai.backends.base import BASE_VERSION, Completion
 from cai.constitution import Constitution, Conversation
 from cai.engine import ComparisonResult, CritiqueChain, CritiqueStep, PrincipleLabel
 from cai.errors import InvalidArgument
 from cai.v1 import common_pb2, judge_pb2, records_pb2
 
-BASE_VERSION = "base"  # the policy version of samples from the untrained policy
 Mode = Literal["sft", "dpo", "online-dpo"]
 
 ROLES = {

@@ -11,6 +11,7 @@ from cai.constitution import Conversation
 from cai.errors import InvalidArgument
 
 FinishReason = Literal["stop", "length", "cancelled"]
+BASE_VERSION = "base"  # the policy version of samples from the untrained policy
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def plain_chat(messages: Conversation) -> str:
 class Backend(ABC):
     model_id: str
     kind: str  # transformers, tgi, openai or policy
-    policy_version: str = "base"
+    policy_version: str = BASE_VERSION
     on_batch: Callable[[int], object] | None = None  # told its batch's rows whenever requests join (metrics)
 
     @property

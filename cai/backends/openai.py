@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx2
 
-from cai.backends.base import Completion, FinishReason, SamplingParams
+from cai.backends.base import BASE_VERSION, Completion, FinishReason, SamplingParams
 from cai.backends.remote import (
     RemoteBackend,
     common_prefix,
@@ -35,7 +35,6 @@ from cai.backends.remote import (
     transport_error,
 )
 from cai.errors import CAIError, InvalidArgument, NotFound, Unavailable
-from cai.records import BASE_VERSION
 
 log = logging.getLogger("cai.backends.openai")
 
