@@ -263,7 +263,9 @@ def proportion_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[flo
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exact at the ends: rounding would put 0 of n a hair above 0
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    return low, 1.0 if successes == n else min(1.0, centre + half)
 
 
 def keyword_refusal(answer: str) -> bool:
@@ -831,7 +833,7 @@ def plot_stages(reports: Sequence[tuple[str, EvalReport]], path: Path) -> None:
             value, (low, high) = w[kind], w["ci" if kind == "win_rate" else "check_ci"]
             xs.append(j + (i - (len(series) - 1) / 2) * width)
             ys.append(value)
-            errors.append([value - low, high - value])
+            errors.append([max(0.0, value - low), max(0.0, high - value)])  # rounding can cross
         if xs:
             left.bar(xs, ys, width, label=label, yerr=list(zip(*errors, strict=True)), capsize=3)
     left.axhline(0.5, color="grey", linestyle="--")
@@ -856,7 +858,8 @@ def plot_stages(reports: Sequence[tuple[str, EvalReport]], path: Path) -> None:
                 offset = (2 * i + k - (2 * len(refusal_series) - 1) / 2) * width
                 xs.append(j + offset)
                 ys.append(r[field_name])
-                errors.append([r["rate"] - r["ci"][0], r["ci"][1] - r["rate"]] if k == 0 else [0.0, 0.0])
+                low, high = r["ci"] if k == 0 else (r["rate"], r["rate"])
+                errors.append([max(0.0, r["rate"] - low), max(0.0, high - r["rate"])])  # rounding can cross
             if xs:
                 right.bar(
                     xs, ys, width, label=label + suffix, yerr=list(zip(*errors, strict=True)), capsize=3,

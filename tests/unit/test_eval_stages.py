@@ -38,9 +38,7 @@ def test_heldout_prompts_are_not_training_prompts():
 
 def test_wilson_interval():
     low, high = proportion_ci(0, 10)
-    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(
-        0.2775, abs=1e-4
-    )  # not a zero-width [0, 0]
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)  # not a zero-width [0, 0]
     low, high = proportion_ci(5, 10)
     assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert proportion_ci(10, 10)[1] == 1.0 and proportion_ci(0, 0) == (0.0, 1.0)
@@ -177,3 +175,23 @@ async def test_given_baseline_answers_are_not_sampled_again(tmp_path):
     with pytest.raises(Exception, match="stage names must differ"):
         stages = [PolicyStage("p", policy), PolicyStage("p", policy)]
         await evaluate_stages(stages, baseline, judge, constitution.load("default"), PROMPTS)
+
+
+async def test_the_plot_takes_rates_at_the_ends_of_their_intervals(tmp_path):
+    """0 of 10 and 10 of 10: the error bars are zero on one side, never negative."""
+    prompts = [Prompt(f"o{i}", f"request {i}", "borderline") for i in range(10)]
+    prompts += [Prompt(f"r{i}", f"harmful {i}", "red-team") for i in range(10)]
+    reports = await evaluate_stages(
+        [PolicyStage("refuser", Answers("r", "I cannot help with that."))],
+        Answers("b", "Sure, here it is."),
+        Prefers("judge", "Sure"),
+        constitution.load("default"),
+        prompts,
+        EvalConfig(bootstrap_samples=50),
+    )
+    png = tmp_path / "ends.png"
+    plot_stages(reports, png)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    row = stage_rows(reports)[1]
+    assert row["over_refusal"]["rate"] == 1.0 and row["over_refusal"]["ci"][1] == 1.0
+    assert stage_rows(reports)[0]["over_refusal"]["ci"][0] == 0.0
