@@ -130,7 +130,7 @@ def constitution_import(
     """Convert another project's constitution files into our YAML format.
 
     For anthropic-2022, give any of: the critique/revision instructions file, the comparison
-    principles file and the critique/revision few-shot file.
+    principles file, the critique/revision few-shot file and the comparison few-shot file.
     """
     from cai.constitution import parse
     from cai.importers import import_constitution, slug
@@ -139,7 +139,8 @@ def constitution_import(
     parse(c.to_dict(), str(output))  # the result must load back as a valid constitution
     output.write_text(c.to_yaml(), encoding="utf-8")
     console.print(
-        f"wrote {output}: {len(c.principles)} principles, {len(c.critique_examples)} few-shot examples",
+        f"wrote {output}: {len(c.principles)} principles, few-shot: {len(c.critique_examples)} "
+        f"critique/revision, {len(c.comparison_examples)} comparison",
         highlight=False,
     )
 

@@ -63,6 +63,16 @@ def test_show_and_import(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr
     assert len(constitution.load(out).principles) == 2
     assert cai("constitution", "validate", str(out)).returncode == 0
+    # the paper's four files, the comparison few-shot file included, each counted in the summary
+    names = ["critique_revision_requests", "comparison_principles", "critique_revision_fewshot"]
+    sources = [str(data_dir / "import" / f"{name}.json") for name in [*names, "comparison_fewshot"]]
+    paper = tmp_path / "paper.yaml"
+    result = cai("constitution", "import", "--format", "anthropic-2022", *sources, "-o", str(paper))
+    assert result.returncode == 0, result.stderr
+    loaded = constitution.load(paper)
+    critiques, comparisons = len(loaded.critique_examples), len(loaded.comparison_examples)
+    assert f"few-shot: {critiques} critique/revision, {comparisons} comparison" in result.stdout
+    assert critiques and comparisons
 
 
 @pytest.mark.parametrize(
