@@ -71,6 +71,19 @@ def _settings(config: RunConfig, constitution: Constitution, bootstrap: str, pre
     }
 
 
+def _metadata(consumer: Any, topics: list[str], timeout_s: float = 60.0) -> dict[str, Any]:
+    """The topics' metadata once every one has its partitions: a broker under load may answer
+    for new topics before it knows them, and a partition missed here would never be read."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metadata = consumer.list_topics(timeout=10).topics
+        if all(t in metadata and metadata[t].partitions and metadata[t].error is None for t in topics):
+            return dict(metadata)
+        if time.monotonic() > deadline:
+            raise Unavailable(f"kafka: the broker does not list the topics {', '.join(topics)}")
+        time.sleep(0.2)
+
+
 class _Collector:
     """Reads the output and dead-letter topics from their beginning, without a consumer group."""
 
@@ -80,7 +93,7 @@ class _Collector:
 
         self.consumer = client.consumer(bootstrap, "cai-up-export", f"{prefix}export")
         topics = [prefix + name for name in OUTPUTS] + [dlq(prefix + "prompts"), dlq(prefix + "rollouts")]
-        metadata = self.consumer.list_topics(timeout=10).topics
+        metadata = _metadata(self.consumer, topics)
         self.consumer.assign(
             [
                 TopicPartition(topic, partition, 0)
@@ -144,6 +157,7 @@ class KafkaPipeline:
         self.follower: PolicyFollower | None = None
         self.partial: dict[Key, dict[str, Any]] = {}
         self.waiting: dict[Key, tuple[int, asyncio.Queue[Any]]] = {}
+        self.collector: _Collector
 
     async def __aenter__(self) -> KafkaPipeline:
         await asyncio.to_thread(
@@ -158,11 +172,12 @@ class KafkaPipeline:
                 service = await start_service(name, settings, backend)  # type: ignore[arg-type]
                 self.running.append(service)
                 self.tasks.append(asyncio.ensure_future(service.stream(settings).run(self.stopping)))
+            self.collector = await asyncio.to_thread(_Collector, self.bootstrap, self.prefix)
             if self.follow:
                 topic = self.prefix + "policy-versions"
+                await asyncio.to_thread(_metadata, self.collector.consumer, [topic])
                 self.follower = PolicyFollower(self.running[0].backend, self.bootstrap, topic)
                 self.tasks.append(asyncio.ensure_future(self.follower.run(self.stopping)))
-            self.collector = await asyncio.to_thread(_Collector, self.bootstrap, self.prefix)
             self.collecting = asyncio.ensure_future(self._collect())
         except BaseException:
             await self.__aexit__()
@@ -175,6 +190,7 @@ class KafkaPipeline:
         if collecting is not None:
             collecting.cancel()
             await asyncio.gather(collecting, return_exceptions=True)
+        if hasattr(self, "collector"):
             await asyncio.to_thread(self.collector.consumer.close)
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for service in reversed(self.running):

@@ -23,6 +23,7 @@ import json
 import queue
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -168,7 +169,10 @@ async def run_online(
         advance("steps", 1)
         loop.call_soon_threadsafe(stepped.set)
 
-    training = asyncio.ensure_future(asyncio.to_thread(trainer.train, on_step))
+    # A thread of its own: the trainer holds it for the whole run, and the default executor's few
+    # workers (cores + 4) are shared by every to_thread call of the stages and the Kafka clients.
+    executor = ThreadPoolExecutor(1, thread_name_prefix="trainer")
+    training: asyncio.Future[Any] = loop.run_in_executor(executor, trainer.train, on_step)
     finished: dict[int, pipeline.PromptResult] = {}
     writer = pipeline.RunWriter(config.out, constitution)
 
@@ -219,6 +223,7 @@ async def run_online(
         generating.cancel()
         await asyncio.gather(generating, return_exceptions=True)
         result = await training
+        executor.shutdown()
         trainer.close()
         writer.close()
     after = await measure() if eval_set else None
