@@ -5,6 +5,7 @@
 # Prints the folder.
 #   KEDA                 github.com/kedacore/keda/v2, config/crd/bases
 #   Prometheus Operator  github.com/prometheus-operator/prometheus-operator, example/prometheus-operator-crd
+#   Kubeflow Trainer     github.com/kubeflow/trainer/v2, manifests/base/crds (TrainJob, training runtimes)
 #   Strimzi              io.strimzi:api and io.strimzi:crd-generator from Maven Central (strimzi/pom.xml);
 #                        Strimzi's generator writes the CRDs from its API model, as Strimzi's build
 #                        does. Needs mvn and a Java 21 or newer (JAVA_HOME, java on PATH, or the
@@ -14,11 +15,12 @@ here="$(cd "$(dirname "$0")" && pwd)"
 
 KEDA_VERSION=v2.18.3
 PROMETHEUS_OPERATOR_VERSION=v0.85.0
+KUBEFLOW_TRAINER_VERSION=v2.1.0
 STRIMZI_VERSION="$(sed -n 's:.*<strimzi.version>\(.*\)</strimzi.version>.*:\1:p' "$here/strimzi/pom.xml")"
 
 recipe_hash="$(cat "$here/crds.sh" "$here/strimzi/pom.xml" | sha256sum | cut -c1-12)"
 cache="${CAI_CONTROLPLANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cai/controlplane}"
-dest="$cache/crds-keda-${KEDA_VERSION}-prometheus-operator-${PROMETHEUS_OPERATOR_VERSION}-strimzi-${STRIMZI_VERSION}-${recipe_hash}"
+dest="$cache/crds-keda-${KEDA_VERSION}-prometheus-operator-${PROMETHEUS_OPERATOR_VERSION}-kubeflow-trainer-${KUBEFLOW_TRAINER_VERSION}-strimzi-${STRIMZI_VERSION}-${recipe_hash}"
 
 if [[ -f "$dest/.complete" ]]; then
   echo "$dest"
@@ -40,6 +42,8 @@ keda="$(module_dir "github.com/kedacore/keda/v2@$KEDA_VERSION")"
 cp "$keda"/config/crd/bases/keda.sh_*.yaml "$work/"
 prom="$(module_dir "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION")"
 cp "$prom"/example/prometheus-operator-crd/monitoring.coreos.com_*.yaml "$work/"
+trainer="$(module_dir "github.com/kubeflow/trainer/v2@$KUBEFLOW_TRAINER_VERSION")"
+cp "$trainer"/manifests/base/crds/trainer.kubeflow.org_*.yaml "$work/"
 
 java_21() {  # a java binary of version 21 or newer, or nothing
   local candidate major
@@ -63,7 +67,8 @@ model=io.strimzi.api.kafka.model
 rm "$work/strimzi.classpath"
 chmod 644 "$work"/*.yaml
 
-printf 'keda %s\nprometheus-operator %s\nstrimzi %s\n' "$KEDA_VERSION" "$PROMETHEUS_OPERATOR_VERSION" "$STRIMZI_VERSION" > "$work/VERSIONS"
+printf 'keda %s\nprometheus-operator %s\nkubeflow-trainer %s\nstrimzi %s\n' "$KEDA_VERSION" \
+  "$PROMETHEUS_OPERATOR_VERSION" "$KUBEFLOW_TRAINER_VERSION" "$STRIMZI_VERSION" > "$work/VERSIONS"
 touch "$work/.complete"
 rm -rf "$dest"
 mv "$work" "$dest"

@@ -45,9 +45,11 @@ def test_the_trainjob_runs_cai_train_under_torchrun(tmp_path):
     spec = job["spec"]
     assert spec["runtimeRef"] == {
         "apiGroup": "trainer.kubeflow.org",
-        "kind": "ClusterTrainingRuntime",
-        "name": "torch-distributed",
+        "kind": "TrainingRuntime",
+        "name": "cai-torch-distributed",
     }
+    runtime = find(docs, "TrainingRuntime", "cai-torch-distributed")
+    assert runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] == "auto"  # torchrun's PET_* set
     trainer = spec["trainer"]
     assert trainer["command"] == ["torchrun", "-m", "cli.main"]  # the runtime's PET_* set the rest
     assert isinstance(trainer["numNodes"], int) and trainer["numNodes"] >= 1
@@ -60,10 +62,13 @@ def test_the_trainjob_runs_cai_train_under_torchrun(tmp_path):
     resources = trainer["resourcesPerNode"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
 
-    (override,) = spec["podTemplateOverrides"]
-    assert override["targetJobs"] == [{"name": "node"}]
-    pod = override["spec"]
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node"
+    pod = node["template"]["spec"]["template"]["spec"]
+    # the namespace enforces the restricted Pod Security Standard
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     claims = {
         v["name"]: v["persistentVolumeClaim"]["claimName"]
         for v in pod["volumes"]

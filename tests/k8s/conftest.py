@@ -3,7 +3,8 @@
 `controlplane` (session): etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok
 from deploy/controlplane (built once into a cache folder by build.sh; `make controlplane` does it
 ahead of the tests), with three CPU nodes and two GPU nodes simulated by kwok, and the CRDs of
-KEDA, Strimzi and the Prometheus Operator as those projects publish them (crds.sh).
+KEDA, Strimzi, the Prometheus Operator and Kubeflow Trainer as those projects publish them
+(crds.sh).
 
 `deployed` (per test module, once per overlay): applies one overlay server-side into the
 namespace `cai`, waits until every Deployment, StatefulSet and Job has finished rolling out, and
