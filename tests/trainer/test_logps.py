@@ -204,6 +204,7 @@ def test_a_sample_that_cannot_be_tokenized_is_named(tiny_model, tmp_path):
     prompt = [{"role": "user", "content": "Hi?"}]
     pair = (empty, [{"role": "assistant", "content": "No"}])
     feed.put(TrainingSample("s7", "topic[0]@7", prompt, pair, 1.0))
+    feed.put(None)  # the end of the stream: the step is taken with the one sample there is
     trainer = make_trainer(tiny_model, tmp_path / "out", lora=True)
     trainer.source = MemorySource(feed, lambda: False)
     trainer.tokenizer = WordTokenizer()
