@@ -1,6 +1,7 @@
-"""`cai train` under torchrun on CPU (gloo, 2 processes, the tiny random model): the same global
-batch gives the same weights on 2 ranks as in one process, FSDP2 the same losses as DDP, a resumed
-2-rank run continues where it stopped, and a checkpoint of another world size is refused."""
+"""`cai train` under torchrun on CPU (gloo, 2 processes, the tiny random model; the default model
+once): the same global batch gives the same weights on 2 ranks as in one process, FSDP2 the same
+losses as DDP, a resumed 2-rank run continues where it stopped, and a checkpoint of another world
+size is refused."""
 
 from __future__ import annotations
 
@@ -131,3 +132,25 @@ def test_a_checkpoint_of_another_world_size_is_refused(runs, tiny_model):
     message = " ".join((result.stdout + result.stderr).split())
     assert "world_size" in message and "2 process(es) and this one has 1" in message
     assert not (runs["ddp"] / f"checkpoint-{STEPS + 1}").exists()
+
+
+def test_ddp_on_the_default_model_equals_one_process(default_model, tmp_path):
+    """Once on the real model (its tokenizer and chat template, all its layers): one step of 2 DDP
+    ranks gives the weights of one process on the same global batch."""
+    from tests.trainer.conftest import write_run
+
+    data = write_run(tmp_path / "data")
+    ok(run_train(tmp_path / "single", data, default_model, 1, "--max-steps", "1"))
+    ok(run_train(tmp_path / "ddp", data, default_model, 2, "--max-steps", "1"))
+    single, ddp = steps(tmp_path / "single"), steps(tmp_path / "ddp")
+    assert [s["sample_ids"] for s in ddp] == [s["sample_ids"] for s in single]
+    for key in ("loss", "grad_norm"):  # the gradient averaged over the ranks is the whole batch's
+        assert ddp[0][key] == pytest.approx(single[0][key], rel=1e-5), key
+    # AdamW's first step divides each gradient element by its own size, so the few elements whose
+    # gradient is at float32 rounding level (summed in another order on 2 ranks) may move by up
+    # to the learning rate either way; every other element moves the same.
+    a, b = adapter(tmp_path / "single", 1), adapter(tmp_path / "ddp", 1)
+    assert a.keys() == b.keys() and a
+    differ = sum(int(((a[k] - b[k]).abs() > 1e-6).sum()) for k in a)
+    assert differ <= 1e-3 * sum(t.numel() for t in a.values()), differ
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 0.01  # the learning rate
