@@ -24,7 +24,7 @@ from tests.kafka.test_trainer import preference, trained_steps
 
 pytestmark = pytest.mark.integration
 
-STEPS = 16
+STEPS = 40  # room for three kills a few steps apart however fast the steps run
 GLOBAL_BATCH = 2  # 1 pair on each of 2 ranks
 KILLS = 3
 
@@ -73,11 +73,14 @@ def test_sigkilled_ranks_train_every_preference_exactly_once(kafka_broker, tiny_
         with errors.open("wb") as sink:
             launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sink)
         try:
+            # a random moment: 1 to 3 steps after the restart, somewhere inside the next step
+            due = before + rng.randint(1, 3)
             deadline = time.monotonic() + 180
-            while len(trained_steps(out)) <= before and launcher.poll() is None:
+            while len(trained_steps(out)) < due and launcher.poll() is None:
                 assert time.monotonic() < deadline, f"no step trained: {errors.read_text()[-2000:]}"
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0, 0.5))
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.02))
+            assert launcher.poll() is None, f"the job ended before its kill: {errors.read_text()[-2000:]}"
             rank = kill % 2 if kill < 2 else rng.randrange(2)  # each rank at least once
             target = worker(launcher, rank)
             assert target is not None, f"no rank {rank} to kill: {errors.read_text()[-2000:]}"
