@@ -1,23 +1,12 @@
 """`cai eval judge` on the real default model, at a tiny size."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.integration.test_eval import cai
+
 pytestmark = pytest.mark.integration
-
-
-def cai(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 def test_builtin_pairs(tmp_path, default_model):
