@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -58,7 +59,9 @@ class PolicyFollower:
         self.backend = adapter_backend(backend)
         self.bootstrap = bootstrap
         self.topic = topic
+        self._own_cache = cache is None  # a temporary folder of ours, removed when run() ends
         self.cache = cache or Path(tempfile.mkdtemp(prefix="cai-policies-"))
+        self._folders: list[Path] = []  # unpacked adapters still on disk, newest last
         self.on_load = on_load  # told "ok" or "failed" for every try (the service's metrics)
         self.loaded: list[PolicyVersion] = []
         self.failed = 0
@@ -75,6 +78,7 @@ class PolicyFollower:
         folder = await asyncio.to_thread(fetch_adapter, version, self.cache)
         await self.backend.load_adapter(folder, version.version)
         self.loaded.append(version)
+        self._prune(folder)
         log.info(
             "policy version loaded",
             extra={
@@ -85,6 +89,15 @@ class PolicyFollower:
                 }
             },
         )
+
+    def _prune(self, newest: Path) -> None:
+        """Delete the unpacked adapters the engine will not read again, so a long run's disk stays
+        bounded: vLLM reloads its newest `keep_versions` after a restart, the embedded engine none."""
+        self._folders = [f for f in self._folders if f != newest] + [newest]
+        keep = getattr(self.backend, "keep_versions", 1)
+        for old in self._folders[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        del self._folders[:-keep]
 
     async def _try(self, version: PolicyVersion) -> None:
         """Load `version`; on failure keep it pending and try again later (unless a newer one comes)."""
@@ -171,3 +184,5 @@ class PolicyFollower:
         finally:
             self.caught_up.set()  # never leave a waiting stream stage behind
             await asyncio.to_thread(consumer.close)
+            if self._own_cache:
+                shutil.rmtree(self.cache, ignore_errors=True)

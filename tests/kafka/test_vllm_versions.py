@@ -156,6 +156,8 @@ async def test_rollouts_carry_the_vllm_adapter_that_served_them(kafka_broker, tm
     assert {r.metadata.policy_version for r in rollouts} == {"v1", "v2", "v3"}
     # a window of two versions: v1 unloaded once v3 was in
     assert list(vllm.adapters) == ["policy-v2", "policy-v3"] and "policy-v1" in vllm.unloads
+    # and its files deleted: the adapter folder holds what a restarted server would reload
+    assert sorted(f.name.split("-")[0] for f in (tmp_path / "adapters").iterdir()) == ["v2", "v3"]
     assert 'cai_policy_version_loads_total{outcome="ok",service="policy"} 3.0' in metrics
     assert 'cai_policy_version_loads_total{outcome="failed",service="policy"}' in metrics
     # the feedback records name the base model after the policy's: never the policy's adapter
