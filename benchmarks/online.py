@@ -302,23 +302,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     chosen = args.only or ["publish-to-serve", "publish-to-serve-vllm", "online-loop"]
-    scratch = Path(tempfile.mkdtemp(prefix="cai-bench-online-"))
-    model = _model(args, scratch)
-    args.out.mkdir(parents=True, exist_ok=True)
-    extra = {"weights": "random" if args.random_init else "default", "load average": os.getloadavg()}
-    if "publish-to-serve" in chosen:
-        result = asyncio.run(publish_to_serve(model, args.versions, args.device, args.dtype)) | extra
-        report_publish(result, "target: GetInfo < 1 s under load")
-        (args.out / "publish-to-serve.json").write_text(json.dumps(result, indent=2) + "\n")
-    if "publish-to-serve-vllm" in chosen:
-        result = publish_to_serve_standin(model, args.versions) | extra
-        report_publish(result, "target: our side < 0.5 s")
-        (args.out / "publish-to-serve-vllm.json").write_text(json.dumps(result, indent=2) + "\n")
-    if "online-loop" in chosen:
-        result = online_loop(model, args.steps, args.limit, args.rounds, args.device, args.dtype) | extra
-        show(f"online-loop: {args.steps} DPO steps, overlapped vs synchronous", result["rows"])
-        console.print(f"ratio overlapped / synchronous: {result['ratio overlapped / synchronous']:.2f}")
-        (args.out / "online-loop.json").write_text(json.dumps(result, indent=2) + "\n")
+    with tempfile.TemporaryDirectory(prefix="cai-bench-online-") as scratch:
+        model = _model(args, Path(scratch))
+        args.out.mkdir(parents=True, exist_ok=True)
+        extra = {"weights": "random" if args.random_init else "default", "load average": os.getloadavg()}
+        if "publish-to-serve" in chosen:
+            result = asyncio.run(publish_to_serve(model, args.versions, args.device, args.dtype)) | extra
+            report_publish(result, "target: GetInfo < 1 s under load")
+            (args.out / "publish-to-serve.json").write_text(json.dumps(result, indent=2) + "\n")
+        if "publish-to-serve-vllm" in chosen:
+            result = publish_to_serve_standin(model, args.versions) | extra
+            report_publish(result, "target: our side < 0.5 s")
+            (args.out / "publish-to-serve-vllm.json").write_text(json.dumps(result, indent=2) + "\n")
+        if "online-loop" in chosen:
+            result = online_loop(model, args.steps, args.limit, args.rounds, args.device, args.dtype) | extra
+            show(f"online-loop: {args.steps} DPO steps, overlapped vs synchronous", result["rows"])
+            console.print(f"ratio overlapped / synchronous: {result['ratio overlapped / synchronous']:.2f}")
+            (args.out / "online-loop.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
