@@ -160,8 +160,11 @@ class AsyncClient:
         params: common_pb2.GenerationParameters | None = None,
         raw: bool = False,
         timeout: float | None = None,
+        base_weights: bool = False,
     ) -> policy_pb2.GenerateResponse:
-        request = policy_pb2.GenerateRequest(input=_input(prompt, raw), parameters=params, n=n)
+        request = policy_pb2.GenerateRequest(
+            input=_input(prompt, raw), parameters=params, n=n, base_weights=base_weights
+        )
         return await self.policy.Generate(request, **self._call(timeout))
 
     async def generate_stream(
@@ -170,8 +173,11 @@ class AsyncClient:
         params: common_pb2.GenerationParameters | None = None,
         raw: bool = False,
         timeout: float | None = None,
+        base_weights: bool = False,
     ) -> AsyncIterator[policy_pb2.GenerateStreamResponse]:
-        request = policy_pb2.GenerateStreamRequest(input=_input(prompt, raw), parameters=params)
+        request = policy_pb2.GenerateStreamRequest(
+            input=_input(prompt, raw), parameters=params, base_weights=base_weights
+        )
         async for item in self.policy.GenerateStream(request, **self._call(timeout)):
             yield item
 
@@ -181,8 +187,11 @@ class AsyncClient:
         options: Sequence[str],
         raw: bool = False,
         timeout: float | None = None,
+        base_weights: bool = False,
     ) -> policy_pb2.ScoreOptionsResponse:
-        request = policy_pb2.ScoreOptionsRequest(input=_input(prompt, raw), options=list(options))
+        request = policy_pb2.ScoreOptionsRequest(
+            input=_input(prompt, raw), options=list(options), base_weights=base_weights
+        )
         return await self.policy.ScoreOptions(request, **self._call(timeout))
 
     async def render(

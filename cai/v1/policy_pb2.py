@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cai.v1 import common_pb2 as cai_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61i/v1/policy.proto\x12\x06\x63\x61i.v1\x1a\x13\x63\x61i/v1/common.proto\"Z\n\x0bPolicyInput\x12,\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x14.cai.v1.ConversationH\x00\x12\x14\n\nraw_prompt\x18\x02 \x01(\tH\x00\x42\x07\n\x05input\"r\n\x0fGenerateRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.cai.v1.PolicyInput\x12\x30\n\nparameters\x18\x02 \x01(\x0b\x32\x1c.cai.v1.GenerationParameters\x12\t\n\x01n\x18\x03 \x01(\r\"\\\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.cai.v1.FinishReason\"e\n\x10GenerateResponse\x12\'\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x12.cai.v1.Completion\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\"m\n\x15GenerateStreamRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.cai.v1.PolicyInput\x12\x30\n\nparameters\x18\x02 \x01(\x0b\x32\x1c.cai.v1.GenerationParameters\"\x80\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x14.cai.v1.FinishReason\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\"J\n\x13ScoreOptionsRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.cai.v1.PolicyInput\x12\x0f\n\x07options\x18\x02 \x03(\t\"@\n\x14ScoreOptionsResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x01\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\"\x10\n\x0eGetInfoRequest\"q\n\x06Limits\x12\x19\n\x11max_prompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\r\n\x05max_n\x18\x03 \x01(\r\x12\x12\n\nmax_rounds\x18\x04 \x01(\r\x12\x11\n\tmax_batch\x18\x05 \x01(\r\"l\n\x0fGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1e\n\x06limits\x18\x04 \x01(\x0b\x32\x0e.cai.v1.Limits\"3\n\rRenderRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.cai.v1.PolicyInput\"3\n\x0eRenderResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r2\xe1\x02\n\rPolicyService\x12=\n\x08Generate\x12\x17.cai.v1.GenerateRequest\x1a\x18.cai.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.cai.v1.GenerateStreamRequest\x1a\x1e.cai.v1.GenerateStreamResponse0\x01\x12I\n\x0cScoreOptions\x12\x1b.cai.v1.ScoreOptionsRequest\x1a\x1c.cai.v1.ScoreOptionsResponse\x12:\n\x07GetInfo\x12\x16.cai.v1.GetInfoRequest\x1a\x17.cai.v1.GetInfoResponse\x12\x37\n\x06Render\x12\x15.cai.v1.RenderRequest\x1a\x16.cai.v1.RenderResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61i/v1/policy.proto\x12\x06\x63\x61i.v1\x1a\x13\x63\x61i/v1/common.proto\"Z\n\x0bPolicyInput\x12,\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x14.cai.v1.ConversationH\x00\x12\x14\n\nraw_prompt\x18\x02 \x01(\tH\x00\x42\x07\n\x05input\"\x88\x01\n\x0fGenerateRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.cai.v1.PolicyInput\x12\x30\n\nparameters\x18\x02 \x01(\x0b\x32\x1c.cai.v1.GenerationParameters\x12\t\n\x01n\x18\x03 \x01(\r\x12\x14\n\x0c\x62\x61se_weights\x18\x04 \x01(\x08\"\\\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.cai.v1.FinishReason\"e\n\x10GenerateResponse\x12\'\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x12.cai.v1.Completion\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\"\x83\x01\n\x15GenerateStreamRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.cai.v1.PolicyInput\x12\x30\n\nparameters\x18\x02 \x01(\x0b\x32\x1c.cai.v1.GenerationParameters\x12\x14\n\x0c\x62\x61se_weights\x18\x03 \x01(\x08\"\x80\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x14.cai.v1.FinishReason\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\"`\n\x13ScoreOptionsRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.cai.v1.PolicyInput\x12\x0f\n\x07options\x18\x02 \x03(\t\x12\x14\n\x0c\x62\x61se_weights\x18\x03 \x01(\x08\"@\n\x14ScoreOptionsResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x01\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\"\x10\n\x0eGetInfoRequest\"q\n\x06Limits\x12\x19\n\x11max_prompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\r\n\x05max_n\x18\x03 \x01(\r\x12\x12\n\nmax_rounds\x18\x04 \x01(\r\x12\x11\n\tmax_batch\x18\x05 \x01(\r\"l\n\x0fGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1e\n\x06limits\x18\x04 \x01(\x0b\x32\x0e.cai.v1.Limits\"3\n\rRenderRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.cai.v1.PolicyInput\"3\n\x0eRenderResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r2\xe1\x02\n\rPolicyService\x12=\n\x08Generate\x12\x17.cai.v1.GenerateRequest\x1a\x18.cai.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.cai.v1.GenerateStreamRequest\x1a\x1e.cai.v1.GenerateStreamResponse0\x01\x12I\n\x0cScoreOptions\x12\x1b.cai.v1.ScoreOptionsRequest\x1a\x1c.cai.v1.ScoreOptionsResponse\x12:\n\x07GetInfo\x12\x16.cai.v1.GetInfoRequest\x1a\x17.cai.v1.GetInfoResponse\x12\x37\n\x06Render\x12\x15.cai.v1.RenderRequest\x1a\x16.cai.v1.RenderResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_POLICYINPUT']._serialized_start=52
   _globals['_POLICYINPUT']._serialized_end=142
-  _globals['_GENERATEREQUEST']._serialized_start=144
-  _globals['_GENERATEREQUEST']._serialized_end=258
-  _globals['_COMPLETION']._serialized_start=260
-  _globals['_COMPLETION']._serialized_end=352
-  _globals['_GENERATERESPONSE']._serialized_start=354
-  _globals['_GENERATERESPONSE']._serialized_end=455
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=457
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=566
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=569
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=697
-  _globals['_SCOREOPTIONSREQUEST']._serialized_start=699
-  _globals['_SCOREOPTIONSREQUEST']._serialized_end=773
-  _globals['_SCOREOPTIONSRESPONSE']._serialized_start=775
-  _globals['_SCOREOPTIONSRESPONSE']._serialized_end=839
-  _globals['_GETINFOREQUEST']._serialized_start=841
-  _globals['_GETINFOREQUEST']._serialized_end=857
-  _globals['_LIMITS']._serialized_start=859
-  _globals['_LIMITS']._serialized_end=972
-  _globals['_GETINFORESPONSE']._serialized_start=974
-  _globals['_GETINFORESPONSE']._serialized_end=1082
-  _globals['_RENDERREQUEST']._serialized_start=1084
-  _globals['_RENDERREQUEST']._serialized_end=1135
-  _globals['_RENDERRESPONSE']._serialized_start=1137
-  _globals['_RENDERRESPONSE']._serialized_end=1188
-  _globals['_POLICYSERVICE']._serialized_start=1191
-  _globals['_POLICYSERVICE']._serialized_end=1544
+  _globals['_GENERATEREQUEST']._serialized_start=145
+  _globals['_GENERATEREQUEST']._serialized_end=281
+  _globals['_COMPLETION']._serialized_start=283
+  _globals['_COMPLETION']._serialized_end=375
+  _globals['_GENERATERESPONSE']._serialized_start=377
+  _globals['_GENERATERESPONSE']._serialized_end=478
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=481
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=612
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=615
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=743
+  _globals['_SCOREOPTIONSREQUEST']._serialized_start=745
+  _globals['_SCOREOPTIONSREQUEST']._serialized_end=841
+  _globals['_SCOREOPTIONSRESPONSE']._serialized_start=843
+  _globals['_SCOREOPTIONSRESPONSE']._serialized_end=907
+  _globals['_GETINFOREQUEST']._serialized_start=909
+  _globals['_GETINFOREQUEST']._serialized_end=925
+  _globals['_LIMITS']._serialized_start=927
+  _globals['_LIMITS']._serialized_end=1040
+  _globals['_GETINFORESPONSE']._serialized_start=1042
+  _globals['_GETINFORESPONSE']._serialized_end=1150
+  _globals['_RENDERREQUEST']._serialized_start=1152
+  _globals['_RENDERREQUEST']._serialized_end=1203
+  _globals['_RENDERRESPONSE']._serialized_start=1205
+  _globals['_RENDERRESPONSE']._serialized_end=1256
+  _globals['_POLICYSERVICE']._serialized_start=1259
+  _globals['_POLICYSERVICE']._serialized_end=1612
 # @@protoc_insertion_point(module_scope)

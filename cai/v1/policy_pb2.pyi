@@ -16,14 +16,16 @@ class PolicyInput(_message.Message):
     def __init__(self, conversation: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., raw_prompt: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("input", "parameters", "n")
+    __slots__ = ("input", "parameters", "n", "base_weights")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
+    BASE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     input: PolicyInput
     parameters: _common_pb2.GenerationParameters
     n: int
-    def __init__(self, input: _Optional[_Union[PolicyInput, _Mapping]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., n: _Optional[int] = ...) -> None: ...
+    base_weights: bool
+    def __init__(self, input: _Optional[_Union[PolicyInput, _Mapping]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., n: _Optional[int] = ..., base_weights: _Optional[bool] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("text", "token_count", "finish_reason")
@@ -46,12 +48,14 @@ class GenerateResponse(_message.Message):
     def __init__(self, completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ..., policy_version: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
-    __slots__ = ("input", "parameters")
+    __slots__ = ("input", "parameters", "base_weights")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    BASE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     input: PolicyInput
     parameters: _common_pb2.GenerationParameters
-    def __init__(self, input: _Optional[_Union[PolicyInput, _Mapping]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ...) -> None: ...
+    base_weights: bool
+    def __init__(self, input: _Optional[_Union[PolicyInput, _Mapping]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., base_weights: _Optional[bool] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("text", "finish_reason", "token_count", "policy_version")
@@ -66,12 +70,14 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., token_count: _Optional[int] = ..., policy_version: _Optional[str] = ...) -> None: ...
 
 class ScoreOptionsRequest(_message.Message):
-    __slots__ = ("input", "options")
+    __slots__ = ("input", "options", "base_weights")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    BASE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     input: PolicyInput
     options: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, input: _Optional[_Union[PolicyInput, _Mapping]] = ..., options: _Optional[_Iterable[str]] = ...) -> None: ...
+    base_weights: bool
+    def __init__(self, input: _Optional[_Union[PolicyInput, _Mapping]] = ..., options: _Optional[_Iterable[str]] = ..., base_weights: _Optional[bool] = ...) -> None: ...
 
 class ScoreOptionsResponse(_message.Message):
     __slots__ = ("logprobs", "policy_version")

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class PolicyServiceStub:
-    """Generates responses with the current policy weights and scores continuations.
+    """Generates responses with the current policy weights (or the base weights, when a request asks)
+    and scores continuations.
     """
 
     def __init__(self, channel):
@@ -63,7 +64,8 @@ class PolicyServiceStub:
 
 
 class PolicyServiceServicer:
-    """Generates responses with the current policy weights and scores continuations.
+    """Generates responses with the current policy weights (or the base weights, when a request asks)
+    and scores continuations.
     """
 
     def Generate(self, request, context):
@@ -138,7 +140,8 @@ def add_PolicyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PolicyService:
-    """Generates responses with the current policy weights and scores continuations.
+    """Generates responses with the current policy weights (or the base weights, when a request asks)
+    and scores continuations.
     """
 
     @staticmethod
