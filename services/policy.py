@@ -1,4 +1,5 @@
-"""PolicyService: generation and option scoring with the served policy weights."""
+"""PolicyService: generation and option scoring with the served policy weights, or with the base
+weights for a request that asks (a feedback model on the same engine)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ DEFAULT_PARAMS = SamplingParams(max_new_tokens=128, temperature=0.7, top_p=1.0)
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(self, plane: PolicyPlane):
         self.plane = plane
+        self.base_plane = PolicyPlane(plane.backend.base_weights(), plane.limits, plane.count)
         self.backend = plane.backend
         self.limits = plane.limits
+
+    def _plane(self, base_weights: bool) -> PolicyPlane:
+        return self.base_plane if base_weights else self.plane
 
     async def _text(self, message: policy_pb2.PolicyInput) -> str:
         given = convert.prompt_input(message)
@@ -31,10 +36,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self, request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> policy_pb2.GenerateResponse:
         params = convert.sampling(request.parameters, self.limits, DEFAULT_PARAMS, n=request.n)
-        completions = await self.plane.generate(await self._prompt(request.input), params)
+        plane = self._plane(request.base_weights)
+        completions = await plane.generate(await self._prompt(request.input), params)
         return policy_pb2.GenerateResponse(
             completions=[convert.completion_proto(c) for c in completions],
-            policy_version=completions[0].policy_version or self.backend.policy_version,
+            policy_version=completions[0].policy_version or plane.backend.policy_version,
             model_id=self.backend.model_id,
         )
 
@@ -43,10 +49,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     ) -> AsyncIterator[policy_pb2.GenerateStreamResponse]:
         params = convert.sampling(request.parameters, self.limits, DEFAULT_PARAMS)
         prompt = await self._prompt(request.input)
-        version = self.backend.policy_version
+        plane = self._plane(request.base_weights)
+        version = plane.backend.policy_version
         text = ""
         pieces = 0
-        async for piece in self.plane.generate_stream(prompt, params):
+        async for piece in plane.generate_stream(prompt, params):
             text += piece
             pieces += 1
             yield policy_pb2.GenerateStreamResponse(text=piece, token_count=pieces, policy_version=version)
@@ -65,8 +72,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def ScoreOptions(
         self, request: policy_pb2.ScoreOptionsRequest, context: grpc.aio.ServicerContext
     ) -> policy_pb2.ScoreOptionsResponse:
-        version = self.backend.policy_version
-        logprobs = await self.plane.score_options(await self._prompt(request.input), list(request.options))
+        plane = self._plane(request.base_weights)
+        version = plane.backend.policy_version
+        logprobs = await plane.score_options(await self._prompt(request.input), list(request.options))
         return policy_pb2.ScoreOptionsResponse(logprobs=logprobs, policy_version=version)
 
     async def GetInfo(

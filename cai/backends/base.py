@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -86,6 +87,12 @@ class Backend(ABC):
     async def score_options(self, prompt: str, options: list[str]) -> list[float]:
         """Log-probability of each option as the continuation of `prompt`, without generating."""
 
+    def base_weights(self) -> Backend:
+        """This backend on the model's weights without any policy version's adapter, sharing its
+        engine: what a feedback model asks for, so that it stays fixed while the policy trains.
+        A backend that never loads policy versions is its own base."""
+        return self
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect or load before serving; a server calls it once before it reports SERVING."""
 
@@ -111,6 +118,11 @@ class WrappedBackend(Backend):
     @property
     def queue_depth(self) -> int:
         return self.inner.queue_depth
+
+    def base_weights(self) -> Backend:
+        view = copy.copy(self)  # the same observers, around the inner backend's base
+        view.inner = self.inner.base_weights()
+        return view
 
     async def start(self) -> None:
         await self.inner.start()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -112,6 +113,12 @@ class OpenAIBackend(RemoteBackend):
         self._versions = [v for v in self._versions if v[0] != version] + [(version, str(folder))]
         self.policy_version = version
         await self._unload_old()
+
+    def base_weights(self) -> OpenAIBackend:
+        """The same server and connection, naming the base model in every request."""
+        view = copy.copy(self)
+        view._versions, view.policy_version = [], BASE_VERSION
+        return view
 
     async def sync(self) -> None:
         """Load every kept version the server does not list (it restarted), oldest first."""

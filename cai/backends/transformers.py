@@ -7,7 +7,8 @@ instead of waiting for the batch to end. Each row keeps its own max_new_tokens, 
 top_p, stop strings and random generator. The model runs on one thread, so nothing ever sees a
 half-loaded model: `load_adapter` switches new rows to a new policy version at the next step
 while running rows finish on the adapter they started with (peft's mixed-adapter batches), and
-`swap` changes the weights once the running rows are done.
+`swap` changes the weights once the running rows are done. `base_weights()` serves requests on the
+weights without adapters from the same engine, beside the policy's rows (a feedback model).
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from typing import Any, cast
 import torch
 
 from cai.backends.base import (
+    BASE_VERSION,
     Backend,
     Completion,
     FinishReason,
     SamplingParams,
+    WrappedBackend,
     plain_chat,
 )
 from cai.constitution import Conversation
@@ -70,6 +73,7 @@ class _GenerateJob:
     future: asyncio.Future[list[Completion]]
     loop: asyncio.AbstractEventLoop
     on_text: Callable[[str], object] | None = None  # streaming: called with each new piece
+    base: bool = False  # run on the weights without adapters
     streamed: int = 0
     queued: bool = False  # counted in the queue's rows until a batch takes it or it is cancelled
     finished: list[_Row] = field(default_factory=list)
@@ -89,6 +93,7 @@ class _ScoreJob:
     option_ids: list[list[int]]
     future: asyncio.Future[list[float]]
     loop: asyncio.AbstractEventLoop
+    base: bool = False  # run on the weights without adapters
     queued: bool = False
 
     @property
@@ -240,9 +245,10 @@ class PrefixCache:
         self.bytes = 0
         self.generation += 1
 
-    def keys(self, ids: list[int]) -> list[bytes]:
-        """The key of every full block of `ids`, each covering all the tokens before it."""
-        digest = self.generation.to_bytes(8, "little")
+    def keys(self, ids: list[int], weights: bytes = b"") -> list[bytes]:
+        """The key of every full block of `ids`, each covering all the tokens before it, computed
+        by the current generation's `weights` (the policy's, or b"base" for the plain weights)."""
+        digest = self.generation.to_bytes(8, "little") + weights
         keys = []
         for end in range(self.block, len(ids) + 1, self.block):
             tokens = array("q", ids[end - self.block : end]).tobytes()
@@ -398,12 +404,22 @@ class TransformersBackend(Backend):
 
     # ---- public API ----------------------------------------------------------------------
 
-    async def generate(self, prompt: str, params: SamplingParams) -> list[Completion]:
+    def base_weights(self) -> Backend:
+        return _BaseWeights(self)
+
+    @property
+    def base_version(self) -> str:
+        """The version that requests on the weights without adapters get."""
+        return BASE_VERSION if self._adapter != BASE_ADAPTER else self.policy_version
+
+    async def generate(self, prompt: str, params: SamplingParams, base: bool = False) -> list[Completion]:
         params.validate()
-        job = _GenerateJob(self._encode(prompt), params, self._new_future(), self._running_loop())
+        job = _GenerateJob(self._encode(prompt), params, self._new_future(), self._running_loop(), base=base)
         return await self._submit(job)
 
-    async def generate_stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
+    async def generate_stream(
+        self, prompt: str, params: SamplingParams, base: bool = False
+    ) -> AsyncIterator[str]:
         params.validate()
         if params.n != 1:
             raise InvalidArgument("n: streaming returns one sample; use n = 1")
@@ -415,6 +431,7 @@ class TransformersBackend(Backend):
             self._new_future(),
             loop,
             on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece),
+            base=base,
         )
         task = asyncio.ensure_future(self._submit(job))
         # Pieces and the job's result arrive in order, so None marks the end after the last piece.
@@ -426,13 +443,13 @@ class TransformersBackend(Backend):
         finally:
             task.cancel()  # the consumer went away: free the batch slot
 
-    async def score_options(self, prompt: str, options: list[str]) -> list[float]:
+    async def score_options(self, prompt: str, options: list[str], base: bool = False) -> list[float]:
         if not options:
             raise InvalidArgument("options: give at least one option")
         option_ids = [self._encode(o) for o in options]
         if any(not ids for ids in option_ids):
             raise InvalidArgument("options: an option encodes to no tokens")
-        job = _ScoreJob(self._encode(prompt), option_ids, self._new_future(), self._running_loop())
+        job = _ScoreJob(self._encode(prompt), option_ids, self._new_future(), self._running_loop(), base=base)
         return await self._submit(job)
 
     async def swap(self, apply: Callable[[Any], Any], version: str) -> None:
@@ -657,6 +674,7 @@ class TransformersBackend(Backend):
         extra: int,
         keep: int,
         hidden: bool,
+        base: bool,
         count: bool = True,
     ) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
         """One forward pass over `sequences`, reusing stored prefix states where it can.
@@ -665,22 +683,25 @@ class TransformersBackend(Backend):
         those states: each row is laid out as [padding, stored prefix, padding, new tokens] and
         the attention mask and position ids skip the padding, so every row sees exactly its
         own tokens at their own positions. The first `cacheable[i]` tokens of row i may be
-        stored (prompts, not scored options). Returns the model's output (logits of the last
-        `keep` positions, or the last hidden states when `hidden`), the KV cache (with room for
-        `extra` more tokens), the attention mask and the position ids of the new tokens.
+        stored (prompts, not scored options); with `base` the rows run on the weights without
+        adapters (the caller switched them off) and store and reuse states of their own. Returns
+        the model's output (logits of the last `keep` positions, or the last hidden states when
+        `hidden`), the KV cache (with room for `extra` more tokens), the attention mask and the
+        position ids of the new tokens.
         """
         cache_store = self.prefix_cache
         block = cache_store.block if cache_store is not None else 1
         found = [0] * len(sequences)
         chains: list[list[bytes]] = [[] for _ in sequences]
         if cache_store is not None:
-            chains = [cache_store.keys(seq[:n]) for seq, n in zip(sequences, cacheable, strict=True)]
+            weights = b"base" if base and self._adapter != BASE_ADAPTER else b""
+            chains = [cache_store.keys(seq[:n], weights) for seq, n in zip(sequences, cacheable, strict=True)]
             # At least one token of each row is run: its output is what the caller wants.
             usable = [chain[: (n - 1) // block] for chain, n in zip(chains, cacheable, strict=True)]
             found = [cache_store.match(keys) for keys in usable]
             shared = self._shared_prefixes(sequences, usable, found, block)
             if shared:  # prefixes several rows of this batch share: run each once first, store it
-                self._forward(shared, [len(p) for p in shared], 0, 1, hidden=True, count=False)
+                self._forward(shared, [len(p) for p in shared], 0, 1, hidden=True, base=base, count=False)
                 found = [cache_store.match(keys) for keys in usable]
             if count:
                 for seq, n in zip(sequences, found, strict=True):
@@ -810,8 +831,23 @@ class TransformersBackend(Backend):
             picked += bias[tokens].float()
         return picked - torch.logsumexp(torch.stack(totals, dim=-1), dim=-1, keepdim=True)
 
+    def _without_adapters(self, base: bool) -> contextlib.AbstractContextManager[Any]:
+        """Switch every adapter off for the calls inside, when `base` (peft's context manager)."""
+        from peft import PeftModel
+
+        if base and isinstance(self.model, PeftModel):
+            return cast(contextlib.AbstractContextManager[Any], self.model.disable_adapter())
+        return contextlib.nullcontext()
+
     @torch.inference_mode()
     def _run_scores(self, jobs: list[_ScoreJob]) -> None:
+        for base in (False, True):
+            group = [job for job in jobs if job.base == base]
+            if group:
+                with self._without_adapters(base):
+                    self._score(group, base)
+
+    def _score(self, jobs: list[_ScoreJob], base: bool) -> None:
         # Single-token options need one sequence per job (the prompt); longer options need one
         # sequence per option. Either way, the whole batch is one forward pass.
         sequences: list[list[int]] = []
@@ -822,7 +858,7 @@ class TransformersBackend(Backend):
                 sequences += [job.prompt_ids + opt for opt in job.option_ids]
         cacheable = [len(job.prompt_ids) for job in jobs for _ in range(job.rows)]
         keep = 1 + max((len(o) for j in jobs for o in j.option_ids if j.rows > 1), default=0)
-        out, _, _, _ = self._forward(sequences, cacheable, 0, keep, hidden=True)
+        out, _, _, _ = self._forward(sequences, cacheable, 0, keep, hidden=True, base=base)
         hidden = out.last_hidden_state
         # Every (hidden state, tokens whose log-prob it gives) of the batch, for one LM head pass.
         vectors: list[torch.Tensor] = []
@@ -856,24 +892,33 @@ class TransformersBackend(Backend):
 
     @torch.inference_mode()
     def _admit(self, batch: _Batch | None, jobs: list[_GenerateJob]) -> _Batch | None:
-        """Prefill the jobs' rows on the current policy version and add them to `batch`."""
+        """Prefill the jobs' rows, on the current policy version or the plain weights, and add
+        them to `batch`."""
+        for base in (False, True):
+            group = [job for job in jobs if job.base == base]
+            if group:
+                with self._without_adapters(base):
+                    batch = self._prefill(batch, group, base)
+        if self.on_batch is not None and batch is not None:
+            self.on_batch(len(batch.rows))
+        return batch
+
+    def _prefill(self, batch: _Batch | None, jobs: list[_GenerateJob], base: bool) -> _Batch | None:
+        version, adapter = (self.base_version, BASE_ADAPTER) if base else (self.policy_version, self._adapter)
         rows: list[_Row] = []
         for job in jobs:
             seed = job.params.seed if job.params.seed is not None else secrets.randbits(62)
             for i in range(job.params.n):
                 gen = torch.Generator()  # CPU generator: identical samples on any device
                 gen.manual_seed(seed + i)
-                rows.append(_Row(job.prompt_ids, job.params, gen, job, i, self.policy_version, self._adapter))
+                rows.append(_Row(job.prompt_ids, job.params, gen, job, i, version, adapter))
         prompts = [r.prompt_ids for r in rows]
         # Alone, the prefill's cache is the batch's: room for every decode step. Joining, the
         # merge makes a new one.
         extra = max(r.remaining for r in rows) if batch is None else 0
-        out, cache, mask, positions = self._forward(prompts, [len(p) for p in prompts], extra, 1, False)
+        out, cache, mask, positions = self._forward(prompts, [len(p) for p in prompts], extra, 1, False, base)
         joining = self._continue(_Batch(rows, cache, mask, positions[:, -1:], []), out.logits)
-        merged = self._merge(batch, joining) if batch and joining else joining or batch
-        if self.on_batch is not None and merged is not None:
-            self.on_batch(len(merged.rows))
-        return merged
+        return self._merge(batch, joining) if batch and joining else joining or batch
 
     def _merge(self, a: _Batch, b: _Batch) -> _Batch:
         columns = max(a.columns, b.columns)
@@ -987,3 +1032,26 @@ class TransformersBackend(Backend):
             if safe > job.streamed:
                 job.on_text(row.text[job.streamed : safe])
                 job.streamed = safe
+
+
+class _BaseWeights(WrappedBackend):
+    """A TransformersBackend's requests on the weights without adapters, decoded in the same
+    batches as the policy's rows."""
+
+    inner: TransformersBackend
+
+    @property
+    def policy_version(self) -> str:  # type: ignore[override]
+        return self.inner.base_version
+
+    async def generate(self, prompt: str, params: SamplingParams) -> list[Completion]:
+        return await self.inner.generate(prompt, params, base=True)
+
+    def generate_stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
+        return self.inner.generate_stream(prompt, params, base=True)
+
+    async def score_options(self, prompt: str, options: list[str]) -> list[float]:
+        return await self.inner.score_options(prompt, options, base=True)
+
+    async def close(self) -> None:
+        """Nothing: the engine belongs to the backend this is a view of."""

@@ -116,3 +116,31 @@ async def test_a_new_adapter_serves_new_rows_at_the_next_step_and_running_rows_k
     [again] = await backend.generate(short_prompt, SHORT)
     assert again.text == short_v2.text and list(backend.model.peft_config) == ["policy-2"]
     await backend.close()
+
+
+async def test_base_weight_requests_run_beside_the_policy_rows_without_its_adapter(tiny_model, tmp_path):
+    _adapter(tiny_model, tmp_path / "v1", seed=1)
+    backend = _backend(tiny_model)
+    long_prompt, short_prompt = await _prompts(backend)
+    [short_base] = await backend.generate(short_prompt, SHORT)
+    base_scores = await backend.score_options(long_prompt, [" A", " B"])
+    await backend.load_adapter(tmp_path / "v1", "v1")
+    feedback = backend.base_weights()  # what a critique or judge service on this engine gets
+    assert (feedback.policy_version, backend.policy_version) == ("base", "v1")
+
+    on_v1 = await _started(backend, long_prompt, LONG)
+    # the policy's scores first: they store v1's prefix states, which the base rows must not reuse
+    v1_scores = await backend.score_options(long_prompt, [" A", " B"])
+    scores = await feedback.score_options(long_prompt, [" A", " B"])
+    [short] = await feedback.generate(short_prompt, SHORT)
+    streamed = "".join([piece async for piece in feedback.generate_stream(short_prompt, SHORT)])
+    [short_v1] = await backend.generate(short_prompt, SHORT)
+    assert not on_v1.done()  # the base rows were decoded in the policy's batch
+    [long_v1] = await on_v1
+    await backend.close()
+
+    assert (short.policy_version, short.text) == ("base", short_base.text)
+    assert streamed == short_base.text
+    assert scores == pytest.approx(base_scores, abs=1e-5)
+    assert short_v1.policy_version == long_v1.policy_version == "v1" and short_v1.text != short_base.text
+    assert v1_scores != pytest.approx(base_scores, abs=1e-3)

@@ -121,6 +121,14 @@ async def test_the_feedback_model_is_the_base_model_never_an_adapter(vllm, tmp_p
     # named explicitly: the server's model list is not asked which one
     named = OpenAIBackend(vllm.url, model="base-model")
     assert (await named.generate("Hi.", GREEDY))[0].policy_version == "base"
+    # feedback through the policy service (base_weights): its own backend, naming the base model
+    base = policy.base_weights()
+    (answer,) = await base.generate("Critique this.", GREEDY)
+    assert (answer.policy_version, base.policy_version) == ("base", "base") and "(base-model)" in answer.text
+    await base.score_options("Which is better?", [" (A)", " (B)"])
+    assert vllm.served[-1] == "base-model"
+    (served,) = await policy.generate("Hi.", GREEDY)
+    assert served.policy_version == policy.policy_version == "v1"
     for backend in (policy, feedback, named):
         await backend.close()
 
