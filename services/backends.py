@@ -31,7 +31,8 @@ def _status_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
 
 
 class PolicyServiceBackend(Backend):
-    """Critique and judge through a running policy service: the model critiques its own outputs."""
+    """Critique and judge through a running policy service, always on its base weights: the
+    feedback model stays fixed while the policy it judges trains."""
 
     kind = "policy"
 
@@ -47,7 +48,6 @@ class PolicyServiceBackend(Backend):
         except grpc.aio.AioRpcError as exc:
             raise _status_error(exc, self.address) from None
         self.model_id = info.model_id
-        self.policy_version = info.policy_version
 
     async def ready(self, timeout: float) -> str | None:
         """None when the policy service reports SERVING (its health check), else why not."""
@@ -76,7 +76,9 @@ class PolicyServiceBackend(Backend):
     async def generate(self, prompt: str, params: SamplingParams) -> list[Completion]:
         request = convert.parameters_proto(params)
         try:
-            response = await self.client.generate(prompt, n=params.n, params=request, raw=True)
+            response = await self.client.generate(
+                prompt, n=params.n, params=request, raw=True, base_weights=True
+            )
         except grpc.aio.AioRpcError as exc:
             raise _status_error(exc, self.address) from None
         self.policy_version = response.policy_version
@@ -85,7 +87,8 @@ class PolicyServiceBackend(Backend):
     async def generate_stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
         request = convert.parameters_proto(params)
         try:
-            async for item in self.client.generate_stream(prompt, params=request, raw=True):
+            stream = self.client.generate_stream(prompt, params=request, raw=True, base_weights=True)
+            async for item in stream:
                 if item.text:
                     yield item.text
         except grpc.aio.AioRpcError as exc:
@@ -93,7 +96,8 @@ class PolicyServiceBackend(Backend):
 
     async def score_options(self, prompt: str, options: list[str]) -> list[float]:
         try:
-            return list((await self.client.score_options(prompt, options, raw=True)).logprobs)
+            reply = await self.client.score_options(prompt, options, raw=True, base_weights=True)
+            return list(reply.logprobs)
         except grpc.aio.AioRpcError as exc:
             raise _status_error(exc, self.address) from None
 

@@ -1,6 +1,6 @@
 """The services on the real default model: the policy service runs it, and the critique and judge
-services use the policy service as their backend (`policy:ADDRESS`), as a self-critiquing
-deployment does. grpcurl, a client we did not write, calls them through reflection."""
+services use the policy service's base weights as their backend (`policy:ADDRESS`), as a
+deployment with one model does. grpcurl, a client we did not write, calls them through reflection."""
 
 from __future__ import annotations
 
