@@ -34,16 +34,6 @@ def can_i(plane: Any, account: str, verb: str, resource: str, namespace: str = N
     return answer == "yes"
 
 
-def target_of(deployed: Any) -> str:
-    target = ROLLOUT_TARGET[deployed.name]
-    if target is None:
-        pytest.skip(
-            "the GPU overlay's trainer rolls nothing (vLLM loads each policy version); "
-            "test_every_service_account_has_exactly_its_permissions checks that it may not"
-        )
-    return target
-
-
 def matrix(rolls: str | None) -> dict[str, tuple[list[tuple[str, ...]], list[tuple[str, ...]]]]:
     """Per ServiceAccount: (what it may do, what it may not), as can-i arguments."""
     target = rolls or "cai-policy"
@@ -126,8 +116,11 @@ def trainer_configuration(controlplane, tmp_path):
     return configuration
 
 
+# Only where the trainer rolls a Deployment: on the GPU overlay it may roll nothing, which
+# test_every_service_account_has_exactly_its_permissions checks.
+@pytest.mark.parametrize("deployed", ["local"], indirect=True)
 def test_the_trainer_rolls_its_deployment_with_its_own_token(deployed, controlplane, trainer_configuration):
-    target = target_of(deployed)
+    target = ROLLOUT_TARGET[deployed.name]
     before = controlplane.get(f"deployment/{target}", "-n", NAMESPACE)
     old_pods = {p["metadata"]["name"] for p in deployed.pods(**{"app.kubernetes.io/name": target})}
 
