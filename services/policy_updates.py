@@ -92,7 +92,8 @@ class PolicyFollower:
 
     def _prune(self, newest: Path) -> None:
         """Delete the unpacked adapters the engine will not read again, so a long run's disk stays
-        bounded: vLLM reloads its newest `keep_versions` after a restart, the embedded engine none."""
+        bounded: vLLM reloads its newest `keep_versions` after a restart; the embedded engine
+        reads none again, and keeps the newest only."""
         self._folders = [f for f in self._folders if f != newest] + [newest]
         keep = getattr(self.backend, "keep_versions", 1)
         for old in self._folders[:-keep]:
