@@ -65,8 +65,8 @@ async def loopback_stages(
 ) -> AsyncIterator[ServiceStages]:
     """Start the three services on free loopback ports and drive them through gRPC clients. The
     policy serves `backend`. The critique and judge services use `feedback` (a model of their own:
-    `--judge-model`, or the base weights while the policy trains), else the policy service, so
-    one model (and one batching queue) does everything, as in the paper's self-critique."""
+    `--judge-model`, or the base weights while the policy trains), else the policy service's base
+    weights, so one model (and one batching queue) does everything."""
     roomy = {"port": 0, "metrics_port": 0, "max_prompt_tokens": 8192, "max_new_tokens": 1024, "max_n": 16}
     running: list[RunningService] = []
     clients: list[AsyncClient] = []
@@ -77,7 +77,7 @@ async def loopback_stages(
         for name in ("critique", "judge"):
             settings = load_settings(name, None, constitution=constitution.source, **roomy)
             if feedback is None:
-                remotes.append(PolicyServiceBackend(policy.address))
+                remotes.append(PolicyServiceBackend(policy.address, base_weights=True))
             running.append(await start_service(name, settings, feedback or remotes[-1]))
         clients = [AsyncClient(service.address, timeout=600) for service in running]
         stages = ServiceStages(clients[0], clients[1], clients[2], constitution)

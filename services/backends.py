@@ -31,13 +31,17 @@ def _status_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
 
 
 class PolicyServiceBackend(Backend):
-    """Critique and judge through a running policy service, always on its base weights: the
-    feedback model stays fixed while the policy it judges trains."""
+    """A running policy service as a backend: the version it serves now (`cai eval` of a running
+    policy), or its base weights (`base_weights`: critique and judge, so the feedback model stays
+    fixed while the policy it judges trains)."""
 
     kind = "policy"
 
-    def __init__(self, address: str, token: str | None = None, tls: TLS | None = None):
+    def __init__(
+        self, address: str, base_weights: bool = False, token: str | None = None, tls: TLS | None = None
+    ):
         self.address = address
+        self.base_weights_only = base_weights
         self.model_id = f"policy:{address}"
         self.client = AsyncClient(address, token=token, tls=tls)
         self.health = health_pb2_grpc.HealthStub(self.client.channel)
@@ -48,6 +52,8 @@ class PolicyServiceBackend(Backend):
         except grpc.aio.AioRpcError as exc:
             raise _status_error(exc, self.address) from None
         self.model_id = info.model_id
+        if not self.base_weights_only:
+            self.policy_version = info.policy_version
 
     async def ready(self, timeout: float) -> str | None:
         """None when the policy service reports SERVING (its health check), else why not."""
@@ -77,7 +83,7 @@ class PolicyServiceBackend(Backend):
         request = convert.parameters_proto(params)
         try:
             response = await self.client.generate(
-                prompt, n=params.n, params=request, raw=True, base_weights=True
+                prompt, n=params.n, params=request, raw=True, base_weights=self.base_weights_only
             )
         except grpc.aio.AioRpcError as exc:
             raise _status_error(exc, self.address) from None
@@ -87,7 +93,9 @@ class PolicyServiceBackend(Backend):
     async def generate_stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
         request = convert.parameters_proto(params)
         try:
-            stream = self.client.generate_stream(prompt, params=request, raw=True, base_weights=True)
+            stream = self.client.generate_stream(
+                prompt, params=request, raw=True, base_weights=self.base_weights_only
+            )
             async for item in stream:
                 if item.text:
                     yield item.text
@@ -96,7 +104,9 @@ class PolicyServiceBackend(Backend):
 
     async def score_options(self, prompt: str, options: list[str]) -> list[float]:
         try:
-            reply = await self.client.score_options(prompt, options, raw=True, base_weights=True)
+            reply = await self.client.score_options(
+                prompt, options, raw=True, base_weights=self.base_weights_only
+            )
             return list(reply.logprobs)
         except grpc.aio.AioRpcError as exc:
             raise _status_error(exc, self.address) from None
@@ -158,4 +168,4 @@ def make_backend(spec: str, settings: ServiceSettings) -> Backend:
         return OpenAIBackend(target, settings.served_model, settings.tokenizer, keep_versions=keep)
     token = settings.policy_token.get_secret_value() if settings.policy_token else None
     tls = TLS(ca=settings.policy_tls_ca) if settings.policy_tls_ca else None
-    return PolicyServiceBackend(target, token=token, tls=tls)
+    return PolicyServiceBackend(target, base_weights=True, token=token, tls=tls)  # critique, judge

@@ -1,7 +1,8 @@
 """Critique and judge on the policy service (`policy:ADDRESS`) ask for its base weights, so the
 feedback model stays fixed while the policy it judges follows the trainer. A policy service on
 the tiny model with a random adapter loaded: what the feedback backend gets is what the model
-gave before the adapter, and the policy's own callers still get the adapter."""
+gave before the adapter, and the policy's own callers (and `cai eval` of a running policy, the
+same backend without `base_weights`) still get the adapter."""
 
 from __future__ import annotations
 
@@ -38,10 +39,13 @@ async def test_the_feedback_backend_gets_the_base_weights_of_a_policy_that_moved
     await engine.load_adapter(tmp_path / "v1", "v1")
 
     policy = await start_service("policy", make_settings("policy"), engine)
-    feedback = PolicyServiceBackend(policy.address)
+    feedback = PolicyServiceBackend(policy.address, base_weights=True)
+    evaluated = PolicyServiceBackend(policy.address)
     client = AsyncClient(policy.address, timeout=60)
     try:
         await feedback.start()
+        await evaluated.start()
+        [current] = await evaluated.generate(prompt, GREEDY)
         [text] = await feedback.generate(prompt, GREEDY)
         scores = await feedback.score_options(prompt, [" Yes", " No"])
         streamed = "".join([piece async for piece in feedback.generate_stream(prompt, GREEDY)])
@@ -51,6 +55,7 @@ async def test_the_feedback_backend_gets_the_base_weights_of_a_policy_that_moved
     finally:
         await client.close()
         await feedback.close()
+        await evaluated.close()
         await policy.stop(0)
         await engine.close()
 
@@ -61,3 +66,5 @@ async def test_the_feedback_backend_gets_the_base_weights_of_a_policy_that_moved
     # the policy's own callers get the adapter it serves
     assert info.policy_version == served.policy_version == "v1"
     assert served.completions[0].text != before.text
+    assert (current.policy_version, current.text) == ("v1", served.completions[0].text)
+    assert evaluated.policy_version == "v1"

@@ -34,7 +34,9 @@ async def model_stack(default_model, make_settings):
     )
     others = {
         name: await start_service(
-            name, make_settings(name, max_prompt_tokens=1024), PolicyServiceBackend(policy.address)
+            name,
+            make_settings(name, max_prompt_tokens=1024),
+            PolicyServiceBackend(policy.address, base_weights=True),
         )
         for name in ("critique", "judge")
     }
