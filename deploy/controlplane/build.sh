@@ -4,7 +4,7 @@
 # versions pinned in go.mod/go.sum (kwok by its own module's go.sum), into a cache folder keyed by
 # those versions and the recipe's hash. A folder that is already complete is left as it is.
 # Prints the folder. Takes 5-25 minutes on two cores the first time. The Go build and module caches
-# (about 7 GB) are private to the build and removed after it: only the binaries (about 440 MB) stay.
+# (about 5 GB) are private to the build and removed after it: only the binaries (about 440 MB) stay.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
